@@ -1,0 +1,44 @@
+"""Shared fixtures: every op test runs once per backend from one body.
+
+"numpy" is the CPU, "strict" the NumPy-backed CuPy stand-in that refuses host/device mixing,
+"cupy" the real GPU (skipped when no working GPU is found).
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+import tinydiff as td
+
+# CI machines are slow and shared: no per-example deadline, fewer examples, same strength of check.
+settings.register_profile("ci", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=50, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+_CUPY_PROBLEM = td.probe_cupy()
+BACKEND_NAMES = ["numpy", "strict",
+                 pytest.param("cupy", marks=pytest.mark.skipif(_CUPY_PROBLEM is not None,
+                                                               reason=f"no GPU: {_CUPY_PROBLEM}"))]
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    """A tinydiff Backend: numpy, the strict CuPy stand-in, or cupy."""
+    return td.get_backend(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def data_dir():
+    """The folder with the real data sets (TINYDIFF_DATA, else ../shared/data), or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.environ.get("TINYDIFF_DATA"), os.path.join(here, "..", "..", "shared", "data")):
+        if d and os.path.isdir(os.path.join(d, "mnist")):
+            return os.path.abspath(d)
+    return None

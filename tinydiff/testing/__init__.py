@@ -1,0 +1,1 @@
+"""Testing helpers that ship with tinydiff: the strict CuPy stand-in."""
