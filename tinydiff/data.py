@@ -1,0 +1,385 @@
+"""Data sets (MNIST, Fashion-MNIST, CIFAR-10) and the batch iterator.
+
+Where a file comes from, in order (the first folder that has it wins):
+
+1. ``root=`` when given, else the folder named by the ``TINYDIFF_DATA`` environment variable;
+2. the user cache, ``$TINYDIFF_CACHE`` or ``~/.cache/tinydiff``;
+3. a download into that cache from the canonical mirrors.
+
+Each data set lives in its own sub-folder (``mnist/``, ``fashion-mnist/``, ``cifar-10/``) under
+the original file names. Every file is checked against its published MD5 before it is read, so a
+corrupt or truncated copy stops the program with an error that names the file and the checksum
+it should have, instead of training on garbage. Loaders print one line saying where the data came
+from (or that it was downloaded).
+
+Images come back as uint8 arrays: MNIST and Fashion-MNIST ``(N, 28, 28)``, CIFAR-10
+``(N, 3, 32, 32)``; labels as uint8 ``(N,)``. ``batches`` turns them into float32 batches in
+[0, 1], shape ``(B, C, H, W)``, on any backend.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import sys
+import tarfile
+import warnings
+import zlib
+from urllib.request import urlopen   # module-level name, so tests can monkeypatch it
+
+import numpy as np
+
+from .backend import Generator, get_backend
+
+
+class DataError(RuntimeError):
+    """A data file is missing, corrupt, truncated, or could not be downloaded."""
+
+
+# -- the catalogue: file names, published MD5s, mirrors ----------------------------------------
+
+_IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+DATASETS = {
+    "mnist": {
+        "title": "MNIST",
+        "folder": "mnist",
+        "md5": {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+                "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "mirrors": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+                    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+                    "http://yann.lecun.com/exdb/mnist/"],
+    },
+    "fashion-mnist": {
+        "title": "Fashion-MNIST",
+        "folder": "fashion-mnist",
+        "md5": {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+                "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+                "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "mirrors": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    },
+    "cifar-10": {
+        "title": "CIFAR-10",
+        "folder": "cifar-10",
+        # cifar10.npz is the lossless uint8 copy this project ships beside the code (not
+        # downloadable); the python tarball is the official distribution.
+        "md5": {"cifar10.npz": "c4b6e9d972a48ee0dbb489cba1290594",
+                "cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"},
+        "mirrors": ["https://www.cs.toronto.edu/~kriz/"],
+    },
+}
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+            "cifar10": "cifar-10", "cifar_10": "cifar-10"}
+
+
+def _dataset(name):
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[key]
+
+
+def _say(msg):
+    print(f"[tinydiff.data] {msg}", file=sys.stderr, flush=True)
+
+
+# -- where files are looked for ----------------------------------------------------------------
+
+def cache_dir():
+    """The user cache folder: $TINYDIFF_CACHE, else ~/.cache/tinydiff (downloads go here)."""
+    return os.path.abspath(os.path.expanduser(
+        os.environ.get("TINYDIFF_CACHE") or os.path.join("~", ".cache", "tinydiff")))
+
+
+def data_roots(root=None):
+    """The folders searched, in order, each with a word saying where it came from."""
+    first = (root, "root=") if root else (os.environ.get("TINYDIFF_DATA"), "$TINYDIFF_DATA")
+    roots = [(os.path.abspath(os.path.expanduser(first[0])), first[1])] if first[0] else []
+    roots.append((cache_dir(), "the user cache"))
+    return roots
+
+
+def data_root():
+    """The folder a user's data is read from first: $TINYDIFF_DATA if set, else the cache."""
+    return data_roots()[0][0]
+
+
+# -- checksums ---------------------------------------------------------------------------------
+
+_VERIFIED = {}   # (path, size, mtime) -> md5, so a file is hashed once per process
+
+
+def file_md5(path, chunk=1 << 20):
+    key = (os.path.abspath(path), os.path.getsize(path), os.stat(path).st_mtime_ns)
+    if key not in _VERIFIED:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(chunk), b""):
+                h.update(block)
+        _VERIFIED[key] = h.hexdigest()
+    return _VERIFIED[key]
+
+
+def verify_md5(path, expected, url=None):
+    """Raise DataError naming ``path`` and the expected checksum unless its MD5 is ``expected``."""
+    actual = file_md5(path)
+    if actual != expected:
+        fix = f"Delete it and run again to download a fresh copy{f' from {url}' if url else ''}."
+        raise DataError(f"{path} is corrupt or truncated: its MD5 is {actual}, expected {expected} "
+                        f"({os.path.getsize(path)} bytes on disk). {fix}")
+
+
+# -- finding or downloading one file -----------------------------------------------------------
+
+def fetch(dataset, filename, root=None, download=True):
+    """Path to a verified copy of ``filename`` of ``dataset``: found locally or downloaded.
+
+    Args:
+        dataset: "mnist", "fashion-mnist" or "cifar-10".
+        filename: one of the data set's file names (see ``DATASETS``).
+        root: a folder to search instead of $TINYDIFF_DATA.
+        download: if False, a missing file is an error instead of a download.
+    Returns:
+        the absolute path of the file, whose MD5 has been checked.
+    """
+    info = _dataset(dataset)
+    expected = info["md5"][filename]
+    searched = []
+    for folder, origin in data_roots(root):
+        path = os.path.join(folder, info["folder"], filename)
+        searched.append(path)
+        if os.path.isfile(path):
+            verify_md5(path, expected, url=info["mirrors"][0] + filename)
+            return path
+    if not download or os.environ.get("TINYDIFF_OFFLINE"):
+        raise DataError(f"{info['title']} file {filename} not found; looked at: "
+                        + ", ".join(searched) + ". Set TINYDIFF_DATA to the folder holding "
+                        f"{info['folder']}/{filename}, or allow the download.")
+    return _download(info, filename, os.path.join(cache_dir(), info["folder"]), searched)
+
+
+def _download(info, filename, folder, searched):
+    """Try each mirror; keep the first copy whose MD5 matches (written atomically)."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, filename)
+    expected = info["md5"][filename]
+    _say(f"{info['title']} {filename} is not on this machine (looked at {', '.join(searched)}); "
+         f"downloading it into {folder}")
+    failures = []
+    for mirror in info["mirrors"]:
+        url = mirror + filename
+        tmp = f"{target}.part-{os.getpid()}"
+        try:
+            h = hashlib.md5()
+            with urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=filename, leave=False,
+                          disable=None) as bar:
+                    for block in iter(lambda: response.read(1 << 16), b""):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+            if h.hexdigest() != expected:
+                failures.append(f"{url}: MD5 {h.hexdigest()} != expected {expected}")
+                os.remove(tmp)
+                continue
+            os.replace(tmp, target)
+            _say(f"downloaded {url} -> {target} (MD5 {expected} verified)")
+            return target
+        except Exception as e:   # network errors come in many types (URLError, timeout, OSError)
+            failures.append(f"{url}: {type(e).__name__}: {e}")
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise DataError(f"could not download {info['title']} {filename}:\n  " + "\n  ".join(failures)
+                    + f"\nDownload it by hand into {folder}/ (expected MD5 {expected}), or set "
+                    "TINYDIFF_DATA to a folder that holds " + f"{info['folder']}/{filename}.")
+
+
+# -- file formats ------------------------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """Parse an IDX file (the MNIST format), gzipped if its name ends in .gz."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{path} is corrupt or truncated (cannot decompress: {e}); delete it and "
+                        "fetch it again") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated: its header is cut short")
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    need = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != need:
+        raise DataError(f"{path} is truncated or corrupt: header says shape {shape} "
+                        f"({need} bytes of data), found {len(raw) - header} bytes")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _load_idx_pair(dataset, split, root, download):
+    if split not in _IDX_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    image_file, label_file = _IDX_FILES[split]
+    image_path = fetch(dataset, image_file, root, download)
+    label_path = fetch(dataset, label_file, root, download)
+    images, labels = read_idx(image_path), read_idx(label_path)
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise DataError(f"{image_path} and {label_path} do not match: images {images.shape}, "
+                        f"labels {labels.shape}")
+    return images, labels, os.path.dirname(image_path)
+
+
+def load_mnist(split="train", root=None, download=True, verbose=True):
+    """MNIST digits: (images uint8 (N, 28, 28), labels uint8 (N,)); N = 60000 train, 10000 test."""
+    images, labels, where = _load_idx_pair("mnist", split, root, download)
+    if verbose:
+        _say(f"MNIST {split}: {len(images)} images from {where}")
+    return images, labels
+
+
+def load_fashion_mnist(split="train", root=None, download=True, verbose=True):
+    """Fashion-MNIST: same layout as MNIST (28x28 grey images, 10 classes)."""
+    images, labels, where = _load_idx_pair("fashion-mnist", split, root, download)
+    if verbose:
+        _say(f"Fashion-MNIST {split}: {len(images)} images from {where}")
+    return images, labels
+
+
+def _find_local(dataset, filename, root):
+    """Verified local path of a file, or None when no searched folder has it."""
+    info = _dataset(dataset)
+    for folder, _ in data_roots(root):
+        path = os.path.join(folder, info["folder"], filename)
+        if os.path.isfile(path):
+            verify_md5(path, info["md5"][filename])
+            return path
+    return None
+
+
+def read_cifar10_tarball(path, split="train"):
+    """CIFAR-10 from the official python tarball: images uint8 (N, 3, 32, 32), labels uint8."""
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            for name in names:
+                if name not in members:
+                    raise DataError(f"{path} has no member {name}; is it cifar-10-python.tar.gz?")
+                # The official batches are pickles; the tarball's MD5 was verified before this.
+                batch = pickle.load(tar.extractfile(members[name]), encoding="bytes")
+                images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], np.uint8))
+    except (tarfile.TarError, EOFError, zlib.error, pickle.UnpicklingError) as e:
+        raise DataError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def load_cifar10(split="train", root=None, download=True, verbose=True):
+    """CIFAR-10: (images uint8 (N, 3, 32, 32) RGB, labels uint8 (N,)).
+
+    Reads cifar-10/cifar10.npz when present (this project's lossless copy: full train split, only
+    the first 1000 test images, with a warning), else the official cifar-10-python.tar.gz,
+    downloading the tarball when neither is found.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    npz = _find_local("cifar-10", "cifar10.npz", root)
+    if npz is not None:
+        with np.load(npz, allow_pickle=False) as f:
+            images = np.ascontiguousarray(f[f"x_{split}"].transpose(0, 3, 1, 2))   # HWC -> CHW
+            labels = f[f"y_{split}"].astype(np.uint8)
+        if split == "test" and len(images) < 10000:
+            warnings.warn(f"{npz} holds only the first {len(images)} of the 10000 CIFAR-10 test "
+                          "images; use cifar-10-python.tar.gz for the full test split",
+                          stacklevel=2)
+        where = npz
+    else:
+        where = fetch("cifar-10", "cifar-10-python.tar.gz", root, download)
+        images, labels = read_cifar10_tarball(where, split)
+    if verbose:
+        _say(f"CIFAR-10 {split}: {len(images)} images from {where}")
+    return images, labels
+
+
+_LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar-10": load_cifar10}
+
+
+def load_dataset(name, split="train", root=None, limit=None, download=True, verbose=True):
+    """Any of the above by name, optionally only the first ``limit`` images (for tiny runs)."""
+    key = _ALIASES.get(name.lower(), name.lower())
+    _dataset(key)
+    images, labels = _LOADERS[key](split, root=root, download=download, verbose=verbose)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+def num_batches(n, batch_size, drop_last=False):
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def _host_generator(rng):
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, Generator):
+        if rng.backend.name != "numpy":
+            raise TypeError("batches shuffles on the host: pass a seed, a numpy Generator or a "
+                            "tinydiff Generator of the numpy backend")
+        return rng._gen
+    return np.random.default_rng(rng)   # an int seed, a sequence of ints, or None
+
+
+def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=True,
+            drop_last=False, start=0):
+    """Iterate over ``(x, y)`` batches of a data set, once (one epoch).
+
+    Args:
+        images: host array (N, H, W) or (N, C, H, W); uint8 is scaled to float32 in [0, 1],
+            float arrays (e.g. latent codes) are passed as float32 unchanged.
+        batch_size: images per batch.
+        rng: seed (int or tuple of ints), numpy Generator or host tinydiff Generator that draws
+            the shuffling permutation (one permutation per call).
+        backend: "numpy", "cupy", "strict" or a Backend; the batches live there.
+        labels: optional host array (N,); y is then an int64 array on the backend, else None.
+        shuffle: draw a random order; False keeps the stored order.
+        drop_last: leave out a final batch smaller than batch_size.
+        start: skip the first ``start`` batches of this order (resuming in the middle of an epoch).
+    Yields:
+        (x, y): x float32 (B, C, H, W) on the backend, y as described above.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    backend = get_backend(backend)
+    n = len(images)
+    order = _host_generator(rng).permutation(n) if shuffle else np.arange(n)
+    for b in range(start, num_batches(n, batch_size, drop_last)):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        host = np.asarray(images[idx])
+        if host.ndim == 3:
+            host = host[:, None]                      # (B, H, W) -> (B, 1, H, W)
+        # move uint8 to the device (a quarter of the bytes of float32) and scale there
+        x = backend.asarray(np.ascontiguousarray(host))
+        x = x.astype(np.float32) / np.float32(255) if host.dtype == np.uint8 else x.astype(np.float32)
+        y = None if labels is None else backend.asarray(np.asarray(labels[idx], dtype=np.int64))
+        yield x, y
