@@ -108,22 +108,27 @@ def probe_cupy():
     """Return None if CuPy can run a kernel here, else a message that names the cause."""
     try:
         import cupy
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name != "cupy":   # cupy is there but something it imports is not
+            return (f"CuPy is installed but failed to import: {e}. Reinstall cupy (the wheel that "
+                    "matches your CUDA version), or use --backend numpy.")
         return (f"CuPy is not installed ({e}). Install it with `pip install tinydiff[cuda13]` "
                 "(or [cuda12] for a CUDA 12 driver), or use --backend numpy.")
-    except Exception as e:  # a broken install raises all sorts of things at import time
-        return f"CuPy failed to import: {type(e).__name__}: {e}. Reinstall cupy, or use --backend numpy."
+    except Exception as e:  # a broken install (e.g. a CUDA library missing) fails at import time
+        return (f"CuPy is installed but failed to import ({type(e).__name__}: {e}); a CUDA library "
+                "may be missing. Reinstall cupy (the wheel that matches your CUDA version), or use "
+                "--backend numpy.")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
-        text = str(e)
-        if "InsufficientDriver" in text or "driver" in text.lower():
-            cause = "no usable NVIDIA driver"
-        elif "NoDevice" in text:
-            cause = "no CUDA device"
+        text = f"{type(e).__name__}: {e}"
+        if "NoDevice" in text or "no CUDA-capable device" in text:
+            cause = "no CUDA device was found"
+        elif "driver" in text.lower():
+            cause = "no usable NVIDIA driver was found (missing, or too old for this CuPy)"
         else:
             cause = "the CUDA runtime could not be initialised"
-        return f"CuPy is installed but {cause} was found ({type(e).__name__}: {text}). Use --backend numpy."
+        return f"CuPy is installed but {cause} ({text}). Use --backend numpy."
     if n == 0:
         return "CuPy is installed but no CUDA device was found. Use --backend numpy."
     try:  # compiles and runs a kernel and a GEMM: catches missing NVRTC / cuBLAS libraries
@@ -157,7 +162,8 @@ def get_backend(name="numpy"):
     if isinstance(name, Backend):
         return name
     if name not in _FACTORIES:
-        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(_FACTORIES)}")
+        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(_FACTORIES)} "
+                           "(\"strict\" is the CuPy stand-in used by the tests)")
     if name not in _BACKENDS:
         _BACKENDS[name] = _FACTORIES[name]()
     return _BACKENDS[name]
@@ -171,19 +177,28 @@ def available_backends():
     return names
 
 
+_BY_TYPE: dict[type, Backend] = {}   # array type -> backend, filled as types are met
+
+
 def backend_of(array):
-    """The backend that owns ``array`` (numpy for Python scalars)."""
+    """The backend that owns ``array`` (numpy for Python scalars; a Tensor's own backend)."""
+    backend = _BY_TYPE.get(type(array))
+    if backend is not None:
+        return backend
     if isinstance(array, (np.ndarray, np.generic, int, float, bool)):
-        return get_backend("numpy")
-    for backend in list(_BACKENDS.values()):
-        if backend.owns(array):
-            return backend
-    module = type(array).__module__
-    if module.startswith("cupy"):
-        return get_backend("cupy")
-    if module.startswith("tinydiff.testing"):
-        return get_backend("strict")
-    raise BackendError(f"not an array of any tinydiff backend: {type(array).__name__}")
+        backend = get_backend("numpy")
+    elif isinstance(getattr(array, "backend", None), Backend):   # a Tensor
+        return array.backend
+    else:
+        module = type(array).__module__
+        if module.startswith("cupy"):
+            backend = get_backend("cupy")
+        elif module.startswith("tinydiff.testing"):
+            backend = get_backend("strict")
+        else:
+            raise BackendError(f"not an array of any tinydiff backend: {type(array).__name__}")
+    _BY_TYPE[type(array)] = backend
+    return backend
 
 
 def get_array_module(array):

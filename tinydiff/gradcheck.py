@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tensor import Tensor, _backward
+from .tensor import Tensor, _backward, no_grad
 
 
 class GradcheckError(AssertionError):
     pass
 
 
+@no_grad()
 def _loss(fn, arrays, v, like):
-    outs = fn(*[Tensor(like[i].backend.asarray(a)) for i, a in enumerate(arrays)])
-    return float(np.sum(outs.numpy().astype(np.float64) * v))
+    """L(x) = <v, fn(x)> for host arrays x, evaluated on the inputs' backend."""
+    out = fn(*[Tensor(like[i].backend.asarray(a)) for i, a in enumerate(arrays)])
+    return float(np.sum(out.numpy().astype(np.float64) * v))
 
 
 def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, mode="full", seed=0, check=None):
@@ -41,15 +43,21 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, mode="full", seed=0, c
     check = [i for i, t in enumerate(inputs) if t.requires_grad] if check is None else list(check)
     if not check:
         raise ValueError("gradcheck: no input requires grad")
+    if mode not in ("full", "directional"):
+        raise ValueError(f"gradcheck: mode must be 'full' or 'directional', got {mode!r}")
     for i in check:
+        if not inputs[i].requires_grad:
+            raise ValueError(f"gradcheck: input {i} is to be checked but does not require grad")
         if inputs[i].dtype != np.float64:
             raise ValueError(f"gradcheck: input {i} is {inputs[i].dtype}; use float64 inputs "
                              "(finite differences in float32 are too noisy to check anything)")
     out = fn(*inputs)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"gradcheck: fn must return one Tensor, got {type(out).__name__}")
     v = rng.standard_normal(out.shape)
     analytic = _backward(out, out.backend.asarray(v.astype(out.dtype)), retain_graph=False,
                          accumulate=False, wanted=[inputs[i] for i in check])
-    host = [t.numpy().astype(np.float64) for t in inputs]
+    host = [t.numpy().copy() for t in inputs]      # inputs not checked keep their dtype (indices)
     for k, i in enumerate(check):
         a = np.zeros(inputs[i].shape) if analytic[k] is None else inputs[i].backend.to_host(analytic[k])
         if mode == "full":
