@@ -1,0 +1,613 @@
+"""The one training loop every example shares (unconditional, class-conditional, latent).
+
+    trainer = Trainer(model, optimizer, score_matching_loss(sde), images, labels=None,
+                      out_dir="runs/mnist", epochs=5, batch_size=32, seed=0, ema=EMA(model),
+                      sample_fn=make_sample_fn(sde, "em", 500, (64, 1, 28, 28)), config=config)
+    history = trainer.fit(resume=True)
+
+What a run writes to ``out_dir``:
+    checkpoint.npz      the last good state (model, optimizer, EMA, LR schedule, RNG, position,
+                        loss history, configuration), replaced atomically after every epoch and
+                        on Ctrl-C; never written after a NaN/Inf
+    config.json         the run's configuration, for people
+    loss_steps.csv      step, epoch, loss, grad_norm, lr, skipped
+    loss_epochs.csv     epoch, steps, mean_loss, seconds, skipped
+    loss.png            loss per step (with moving average) and per epoch
+    samples/epoch_NNN.png  a sample grid after every epoch (EMA weights when there is an EMA)
+
+Exact resume: every random number of training comes from host-seeded generators whose state is
+checkpointed: the data order of epoch e is a permutation drawn from seed (seed, e), and the noise
+of the loss (t and z of eq. 5) from one host generator saved with the checkpoint. So on the CPU,
+stopping at any step and resuming gives bit-identical losses to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+from . import data as _data
+from . import plot as _plot
+from .backend import Generator, backend_of, get_backend
+from .tensor import no_grad
+
+CHECKPOINT = "checkpoint.npz"
+FORMAT = "tinydiff-checkpoint-v1"
+# settings that may differ between a run and its resumption (they do not change the trajectory)
+RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "progress", "sampler", "sample_steps",
+                               "num_samples", "backend", "sample_only", "sample_every"})
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model / configuration."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient became NaN or Inf."""
+
+
+# -- randomness ------------------------------------------------------------------------------
+
+class HostGenerator(Generator):
+    """A tinydiff Generator for any backend that draws on the host (NumPy PCG64) and copies the
+    result to the backend. Its state is a plain dict on every backend, so checkpoints restore it
+    exactly, and a run draws the same numbers on numpy, strict and cupy."""
+
+    def __init__(self, backend, seed=None):
+        super().__init__(get_backend("numpy"), seed)
+        self.backend = get_backend(backend)
+
+    def normal(self, size, mean=0.0, std=1.0, dtype=np.float32):
+        return self.backend.asarray(super().normal(size, mean, std, dtype))
+
+    def uniform(self, size, low=0.0, high=1.0, dtype=np.float32):
+        return self.backend.asarray(super().uniform(size, low, high, dtype))
+
+    def integers(self, low, high, size):
+        return self.backend.asarray(super().integers(low, high, size))
+
+    def get_state(self):
+        return self._gen.bit_generator.state
+
+
+def derived_seed(*keys):
+    """An int seed derived from a tuple of ints (e.g. (seed, purpose, epoch))."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
+
+
+_ORDER, _NOISE, _SAMPLES = 1, 2, 3   # purposes, so each stream is independent of the others
+
+
+# -- the objective and the per-epoch samples -------------------------------------------------
+
+def score_matching_loss(sde, eps=1e-5, use_labels=False):
+    """loss_fn(model, x, y, rng) for the Trainer: denoising score matching, eq. 5 (sde.dsm_loss);
+    with ``use_labels`` the class labels y are passed to the model."""
+    from .sde import dsm_loss
+
+    def loss_fn(model, x, y, rng):
+        return dsm_loss(model, x, sde, rng, eps=eps, labels=y if use_labels else None)
+    return loss_fn
+
+
+def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labels=None,
+                   eps=1e-3):
+    """sample_fn(model, seed) -> host images in [0, 1], drawn with one of the samplers.
+
+    sampler: "em" (Euler-Maruyama, eq. 2), "pc" (predictor-corrector) or "ode" (probability flow;
+    num_steps is ignored, the solver picks its steps). labels: host int array for conditional
+    models (None for unconditional).
+    """
+    from . import sampling
+
+    if sampler not in ("em", "pc", "ode"):
+        raise ValueError(f"sampler must be 'em', 'pc' or 'ode', got {sampler!r}")
+
+    def sample_fn(model, seed):
+        be = model.backend
+        y = None if labels is None else be.asarray(np.asarray(labels, np.int64))
+        score_fn = sampling.model_score_fn(model, labels=y) if y is not None else \
+            sampling.model_score_fn(model)
+        rng = be.default_rng(seed)
+        if sampler == "em":
+            x = sampling.euler_maruyama(score_fn, sde, shape, num_steps=num_steps, eps=eps,
+                                        rng=rng, backend=be.name)
+        elif sampler == "pc":
+            x = sampling.predictor_corrector(score_fn, sde, shape, num_steps=num_steps, eps=eps,
+                                             rng=rng, backend=be.name)
+        else:
+            x, _ = sampling.ode_sampler(score_fn, sde, shape, eps=eps, rng=rng, backend=be.name)
+        return backend_of(x).to_host(x)
+    return sample_fn
+
+
+# -- checkpoint files: nested dicts of arrays and JSON values, in one .npz --------------------
+
+def _encode(obj, arrays):
+    """A JSON-able copy of ``obj`` whose arrays are moved into ``arrays`` (host copies)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (str, bool, int, float)) or obj is None:
+        return obj
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, arrays) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, arrays) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and "__array__" not in obj and "__tuple__" not in obj:
+            return {k: _encode(v, arrays) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, arrays), _encode(v, arrays)] for k, v in obj.items()]}
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        key = f"a{len(arrays)}"
+        arrays[key] = np.array(backend_of(obj).to_host(obj))
+        return {"__array__": key}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def _decode(obj, arrays):
+    if isinstance(obj, list):
+        return [_decode(v, arrays) for v in obj]
+    if isinstance(obj, dict):
+        if "__array__" in obj:
+            return arrays[obj["__array__"]]
+        if "__tuple__" in obj:
+            return tuple(_decode(v, arrays) for v in obj["__tuple__"])
+        if "__items__" in obj:
+            return {_decode(k, arrays): _decode(v, arrays) for k, v in obj["__items__"]}
+        return {k: _decode(v, arrays) for k, v in obj.items()}
+    return obj
+
+
+def save_checkpoint(path, state):
+    """Write ``state`` (nested dicts/lists of arrays and JSON values) atomically: a temporary file
+    in the same folder, flushed to disk, then renamed over ``path``."""
+    arrays = {}
+    meta = json.dumps({"format": FORMAT, "state": _encode(state, arrays)})
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path):
+    """The state saved by ``save_checkpoint``; CheckpointError if missing, foreign or corrupt."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "__meta__" not in f.files:
+                raise CheckpointError(f"{path} is not a tinydiff training checkpoint (no metadata); "
+                                      "plain weight files load with model.load(path)")
+            meta = json.loads(f["__meta__"].tobytes().decode())
+            arrays = {k: f[k] for k in f.files if k != "__meta__"}
+    except CheckpointError:
+        raise
+    except Exception as e:   # zipfile.BadZipFile, EOFError, ValueError, json errors...
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); use an "
+                              "older copy or start a new run") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return _decode(meta["state"], arrays)
+
+
+def _jsonable(config):
+    return json.loads(json.dumps(config, default=str)) if config is not None else {}
+
+
+def config_differences(saved, current, allowed=RESUMABLE_CHANGES):
+    """'key: checkpoint X, now Y' for every setting that differs, except those in ``allowed``."""
+    saved, current = _jsonable(saved), _jsonable(current)
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k not in allowed and saved.get(k) != current.get(k):
+            out.append(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}")
+    return out
+
+
+def load_model_weights(path, model, use_ema=True):
+    """Load a training checkpoint's weights into ``model`` (the EMA average when the run kept one
+    and ``use_ema``); returns the checkpoint state (for its config, epoch, ...)."""
+    state = load_checkpoint(path)
+    weights = state["model"]
+    if use_ema and state.get("ema") is not None:
+        weights = dict(weights)
+        weights.update(state["ema"]["shadow"])
+    try:
+        model.load_state_dict(weights)
+    except Exception as e:
+        raise CheckpointError(f"{path} does not fit this model: {e}") from e
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+class Trainer:
+    """Runs epochs of mini-batch training with logging, plots, sample grids and checkpoints.
+
+    Args:
+        model: a tinydiff Module already on its backend.
+        optimizer: a tinydiff optimizer over model.parameters().
+        loss_fn: loss_fn(model, x, y, rng) -> scalar Tensor (see ``score_matching_loss``).
+        images, labels: host arrays of the training set (see ``data.batches``); labels optional.
+        out_dir: where everything is written.
+        epochs: total epochs of the run (a resumed run continues up to this number).
+        batch_size, seed: the data order and every training random number derive from seed.
+        ema: an optim.EMA of the model, updated after every step (samples use its weights).
+        scheduler: an optim.LRScheduler, stepped after every optimizer step.
+        clip_grad: max global gradient norm (None: no clipping; the norm is still logged).
+        sample_fn: sample_fn(model, seed) -> images (N, C, H, W) in [0, 1], drawn after every
+            ``sample_every`` epochs into samples/epoch_NNN.png.
+        on_nonfinite: "stop" (raise NonFiniteError, keep the last good checkpoint) or "skip" (drop
+            the step, count it; stop after ``max_consecutive_skips`` in a row).
+        config: the run's settings (JSON-able dict) stored with each checkpoint; a resumed run
+            must match it, except the keys in RESUMABLE_CHANGES.
+        drop_last: leave out the last partial batch of each epoch.
+        progress: show a tqdm bar with the running loss.
+    """
+
+    def __init__(self, model, optimizer, loss_fn, images, labels=None, *, out_dir, epochs,
+                 batch_size, seed=0, ema=None, scheduler=None, clip_grad=None, sample_fn=None,
+                 sample_every=1, on_nonfinite="stop", max_consecutive_skips=20, config=None,
+                 drop_last=False, progress=True):
+        if on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        if len(images) == 0:
+            raise ValueError("no training images")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.images, self.labels = images, labels
+        self.out_dir, self.epochs, self.batch_size = out_dir, int(epochs), int(batch_size)
+        self.seed, self.ema, self.scheduler, self.clip_grad = int(seed), ema, scheduler, clip_grad
+        self.sample_fn, self.sample_every = sample_fn, int(sample_every)
+        self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, int(max_consecutive_skips)
+        self.drop_last, self.progress = drop_last, progress
+        self.backend = model.backend
+        self.config = dict(config or {})
+        # what fixes the trajectory besides the user's config
+        self.run_key = {"batch_size": self.batch_size, "seed": self.seed, "drop_last": drop_last,
+                        "num_images": len(images), "data_fingerprint": _fingerprint(images, labels),
+                        "model_class": type(model).__name__}
+        self.batches_per_epoch = _data.num_batches(len(images), self.batch_size, drop_last)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(images)} images make no batch of {batch_size} with drop_last")
+        self.rng = HostGenerator(self.backend, derived_seed(self.seed, _NOISE))
+        # position: epochs completed, batches done in the current epoch, steps overall
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.skipped, self.consecutive_skips, self.epoch_seconds = 0, 0, 0.0
+        self.steps = {"loss": [], "grad_norm": [], "lr": [], "epoch": [], "skipped": []}
+        self.epoch_log = []   # dicts: epoch, steps, mean_loss, seconds, skipped
+        self._stop_requested = False
+        self._mutating = False
+        self._phase = "idle"
+
+    # paths
+    def path(self, *names):
+        return os.path.join(self.out_dir, *names)
+
+    @property
+    def checkpoint_path(self):
+        return self.path(CHECKPOINT)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self, rng_state=None):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": rng_state if rng_state is not None else self.rng.get_state(),
+            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step,
+            "skipped": self.skipped, "consecutive_skips": self.consecutive_skips,
+            "epoch_seconds": self.epoch_seconds,
+            "steps": {k: np.asarray(v, np.float64) for k, v in self.steps.items()},
+            "epoch_log": self.epoch_log,
+            "config": _jsonable(self.config), "run_key": self.run_key,
+        }
+
+    def save(self, rng_state=None):
+        if not self._params_finite():
+            raise NonFiniteError("the model's weights contain NaN or Inf; not overwriting "
+                                 f"{self.checkpoint_path}")
+        return save_checkpoint(self.checkpoint_path, self.state(rng_state))
+
+    def load(self, path=None):
+        """Restore everything from a checkpoint; clear errors when it is from another run."""
+        path = path or self.checkpoint_path
+        st = load_checkpoint(path)
+        problems = config_differences(st["config"], self.config)
+        problems += config_differences(st["run_key"], self.run_key, allowed=())
+        if problems:
+            raise CheckpointError(f"{path} was written by a different run:\n  " + "\n  ".join(problems)
+                                  + "\nResume with the same settings, or use a new output folder.")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            if (st["ema"] is None) != (self.ema is None):
+                raise CheckpointError("one of the checkpoint and this run keeps an EMA, the other "
+                                      "does not")
+            if self.ema is not None:
+                self.ema.load_state_dict(st["ema"])
+            if (st["scheduler"] is None) != (self.scheduler is None):
+                raise CheckpointError("one of the checkpoint and this run has an LR schedule, the "
+                                      "other does not")
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(st["scheduler"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        except Exception as e:   # StateDictError, ValueError from the optimizer/EMA
+            raise CheckpointError(f"{path} does not fit this model/optimizer: {e}") from e
+        self.rng.set_state(st["rng"])
+        self.epoch, self.batch_in_epoch, self.step = st["epoch"], st["batch_in_epoch"], st["step"]
+        self.skipped, self.consecutive_skips = st["skipped"], st["consecutive_skips"]
+        self.epoch_seconds = st["epoch_seconds"]
+        self.steps = {k: [int(v) if k in ("epoch", "skipped") else float(v) for v in st["steps"][k]]
+                      for k in self.steps}
+        self.epoch_log = st["epoch_log"]
+        return st
+
+    def _params_finite(self):
+        for p in self.model.parameters():
+            xp = backend_of(p.data).xp
+            if not bool(xp.isfinite(p.data).all()):
+                return False
+        return True
+
+    # -- one step --------------------------------------------------------------------------------
+    def _grad_norm(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        xp = backend_of(grads[0]).xp
+        return xp.sqrt(xp.sum(xp.stack([g.ravel().dot(g.ravel()) for g in grads])))
+
+    def train_step(self, x, y):
+        """Loss, backward, finiteness check, clip, optimizer, EMA, schedule. Returns (loss, norm,
+        skipped) as host floats."""
+        params = list(self.model.parameters())
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model, x, y, self.rng)
+        loss.backward()
+        if self.clip_grad is not None:
+            from .optim import clip_grad_norm_
+            norm = clip_grad_norm_(params, self.clip_grad, return_array=True)
+        else:
+            norm = self._grad_norm(params)
+        xp = backend_of(loss.data).xp
+        pair = xp.stack([loss.data.astype(np.float32).reshape(()),
+                         xp.asarray(0.0 if norm is None else norm, dtype=np.float32).reshape(())])
+        loss_value, norm_value = (float(v) for v in backend_of(pair).to_host(pair))   # one sync
+        lr = float(self.optimizer.lr)
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            msg = (f"the {what} is {loss_value if what == 'loss' else norm_value} at epoch "
+                   f"{self.epoch + 1}, step {self.step + 1} (lr {lr:.3g})")
+            if self.on_nonfinite == "stop" or self.consecutive_skips + 1 > self.max_consecutive_skips:
+                self.optimizer.zero_grad()
+                kept = (f"the last good checkpoint {self.checkpoint_path} is kept unchanged"
+                        if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
+                extra = ("" if self.on_nonfinite == "stop" else
+                         f" after {self.consecutive_skips} skipped steps in a row")
+                raise NonFiniteError(f"training stopped: {msg}{extra}; {kept}. Lower the learning "
+                                     "rate, enable gradient clipping, or skip such steps "
+                                     "(on_nonfinite='skip').")
+            self.optimizer.zero_grad()
+            self.skipped += 1
+            self.consecutive_skips += 1
+            return loss_value, norm_value, lr, True
+        self._mutating = True   # from here to the end the state is half-updated
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        self._mutating = False
+        self.consecutive_skips = 0
+        return loss_value, norm_value, lr, False
+
+    # -- Ctrl-C --------------------------------------------------------------------------------
+    def _on_sigint(self, signum, frame):
+        # The first Ctrl-C only asks the loop to stop after the current step, so the weights are
+        # never saved half-updated; a second one (or one during sampling) stops at once.
+        if self._stop_requested or self._phase == "sampling":
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print("\n[tinydiff.train] Ctrl-C: saving a checkpoint after this step "
+              "(press Ctrl-C again to stop at once)", flush=True)
+
+    # -- the run -------------------------------------------------------------------------------
+    def fit(self, resume=False):
+        """Train up to ``epochs`` epochs; with ``resume`` continue from out_dir's checkpoint.
+        Returns the history: {"epoch_loss": [...], "step_loss": [...], "seconds": [...]}."""
+        os.makedirs(self.out_dir, exist_ok=True)
+        if resume:
+            if not os.path.exists(self.checkpoint_path):
+                raise CheckpointError(f"--resume: no checkpoint at {self.checkpoint_path}; start "
+                                      "without --resume, or point --out at the run to continue")
+            self.load()
+            _say(f"resumed from {self.checkpoint_path}: epoch {self.epoch} done, "
+                 f"step {self.step}, batch {self.batch_in_epoch} of epoch {self.epoch + 1}")
+        elif os.path.exists(self.checkpoint_path):
+            raise CheckpointError(f"{self.checkpoint_path} exists; pass resume=True (--resume) to "
+                                  "continue that run, or choose another output folder")
+        with open(self.path("config.json"), "w") as f:
+            json.dump({**_jsonable(self.config), **self.run_key}, f, indent=2)
+
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            while self.epoch < self.epochs:
+                self._run_epoch()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        return self.history()
+
+    def history(self):
+        return {"epoch_loss": [e["mean_loss"] for e in self.epoch_log],
+                "seconds": [e["seconds"] for e in self.epoch_log],
+                "step_loss": list(self.steps["loss"]), "skipped": self.skipped, "step": self.step}
+
+    def _run_epoch(self):
+        from tqdm.auto import tqdm
+
+        e = self.epoch
+        order = np.random.default_rng(derived_seed(self.seed, _ORDER, e))
+        it = _data.batches(self.images, self.batch_size, rng=order, backend=self.backend,
+                           labels=self.labels, drop_last=self.drop_last, start=self.batch_in_epoch)
+        bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, disable=not self.progress,
+                   desc=f"epoch {e + 1}/{self.epochs}", dynamic_ncols=True, leave=True)
+        self.model.train()
+        done = [(v, s) for v, ep, s in zip(self.steps["loss"], self.steps["epoch"],
+                                           self.steps["skipped"]) if ep == e + 1]
+        running = [sum(v for v, s in done if not s), sum(1 for _, s in done if not s)]
+        start = time.perf_counter()
+        self._phase = "training"
+        try:
+            for x, y in it:
+                rng_before = self.rng.get_state()
+                try:
+                    loss, norm, lr, skipped = self.train_step(x, y)
+                except KeyboardInterrupt:
+                    self._interrupted(start, rng_before, bar)
+                except NonFiniteError:
+                    self._record(float("nan"), float("nan"), float(self.optimizer.lr), True)
+                    self.epoch_seconds += time.perf_counter() - start
+                    self._write_logs()
+                    raise
+                self._record(loss, norm, lr, skipped)
+                if not skipped:
+                    running[0] += loss
+                    running[1] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running[0] / max(running[1], 1):.4g}", lr=f"{lr:.2g}",
+                                refresh=False)
+                if self._stop_requested:
+                    self._interrupted(start, None, bar)
+        finally:
+            bar.close()
+            self._phase = "idle"
+        self.epoch_seconds += time.perf_counter() - start
+        self._finish_epoch()
+
+    def _record(self, loss, norm, lr, skipped):
+        for k, v in (("loss", loss), ("grad_norm", norm), ("lr", lr), ("epoch", self.epoch + 1),
+                     ("skipped", int(skipped))):
+            self.steps[k].append(v)
+        self.step += 1
+        self.batch_in_epoch += 1
+
+    def _interrupted(self, start, rng_before, bar):
+        """Save the state as of the last completed step, then let the interrupt through."""
+        bar.close()
+        self.epoch_seconds += time.perf_counter() - start
+        if self._mutating:
+            _say("interrupted while the weights were being updated: not saving; the last good "
+                 f"checkpoint {self.checkpoint_path} is kept")
+            raise KeyboardInterrupt
+        self.save(rng_state=rng_before)   # a step cut short leaves the noise of that step unused
+        self._write_logs()
+        _say(f"interrupted: saved {self.checkpoint_path} at epoch {self.epoch + 1}, step "
+             f"{self.step}; continue with resume=True (--resume)")
+        raise KeyboardInterrupt
+
+    def _finish_epoch(self):
+        e = self.epoch + 1
+        losses = [v for v, ep, s in zip(self.steps["loss"], self.steps["epoch"],
+                                        self.steps["skipped"]) if ep == e and not s]
+        n_skipped = sum(s for ep, s in zip(self.steps["epoch"], self.steps["skipped"]) if ep == e)
+        self.epoch_log.append({"epoch": e, "steps": self.step, "mean_loss": float(np.mean(losses))
+                               if losses else float("nan"), "seconds": self.epoch_seconds,
+                               "skipped": int(n_skipped)})
+        self.epoch, self.batch_in_epoch, self.epoch_seconds = e, 0, 0.0
+        self.save()
+        self._write_logs()
+        last = self.epoch_log[-1]
+        _say(f"epoch {e}/{self.epochs}: mean loss {last['mean_loss']:.4f}, {last['seconds']:.1f} s, "
+             f"checkpoint {self.checkpoint_path}")
+        if self.sample_fn is not None and (e % self.sample_every == 0 or e == self.epochs):
+            self._phase = "sampling"
+            try:
+                path = self.sample_grid(self.path("samples", f"epoch_{e:03d}.png"),
+                                        derived_seed(self.seed, _SAMPLES, e))
+            except KeyboardInterrupt:
+                _say(f"interrupted while sampling; the checkpoint of epoch {e} is saved in "
+                     f"{self.checkpoint_path}; continue with resume=True (--resume)")
+                raise
+            finally:
+                self._phase = "idle"
+            _say(f"samples after epoch {e}: {path}")
+
+    def sample_grid(self, path, seed):
+        """Draw samples with sample_fn (EMA weights when available) and save them as a grid."""
+        images = self.sample(seed)
+        return _plot.save_image_grid(images, path)
+
+    def sample(self, seed):
+        self.model.eval()
+        try:
+            with no_grad():
+                if self.ema is not None:
+                    with self.ema.average_parameters(self.model):
+                        return self.sample_fn(self.model, seed)
+                return self.sample_fn(self.model, seed)
+        finally:
+            self.model.train()
+
+    def _write_logs(self):
+        rows = zip(range(1, len(self.steps["loss"]) + 1), self.steps["epoch"], self.steps["loss"],
+                   self.steps["grad_norm"], self.steps["lr"], self.steps["skipped"])
+        _write_csv(self.path("loss_steps.csv"), ["step", "epoch", "loss", "grad_norm", "lr", "skipped"],
+                   rows)
+        _write_csv(self.path("loss_epochs.csv"), ["epoch", "steps", "mean_loss", "seconds", "skipped"],
+                   ([r[k] for k in ("epoch", "steps", "mean_loss", "seconds", "skipped")]
+                    for r in self.epoch_log))
+        if self.epoch_log or self.steps["loss"]:
+            _plot.plot_losses(self.path("loss.png"), [r["mean_loss"] for r in self.epoch_log],
+                              self.steps["loss"])
+
+
+def train(model, optimizer, loss_fn, images, labels=None, resume=False, **kwargs):
+    """Build a Trainer and run it: ``train(...)`` = ``Trainer(...).fit(resume)``."""
+    return Trainer(model, optimizer, loss_fn, images, labels, **kwargs).fit(resume=resume)
+
+
+# -- small helpers ---------------------------------------------------------------------------
+
+def _say(msg):
+    print(f"[tinydiff.train] {msg}", flush=True)
+
+
+def _fingerprint(images, labels):
+    """A short hash of a sample of the training set, so resuming on other data is caught."""
+    import hashlib
+    idx = np.linspace(0, len(images) - 1, num=min(len(images), 64)).astype(np.int64)
+    h = hashlib.md5(np.ascontiguousarray(np.asarray(images[idx])).tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(np.asarray(labels[idx])).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_csv(path, header, rows):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in rows:
+            w.writerow([repr(v) if isinstance(v, float) else v for v in r])
+    os.replace(tmp, path)
