@@ -1,0 +1,2 @@
+"""Models: the reference ScoreNet (DESIGN.md section 2) and the feature classifier."""
+from .scorenet import Dense, GaussianFourierProjection, ScoreNet
