@@ -254,3 +254,154 @@ def test_group_norm_silu_matches_torch(c):
             x + s.reshape(s.shape + tail), c["groups"], w, b))
     _check_against_torch(lambda x, s, w, b: F.group_norm_silu(x, c["groups"], w, b, shift=s),
                          theirs, [x, shift, w, b], seed=c["seed"])
+
+
+# -- phase 2: layer norm, gelu, dropout, pooling, upsampling, embedding, attention --------------
+
+@given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+       norm=st.lists(st.integers(1, 3), min_size=1, max_size=2), affine=st.booleans(),
+       seed=st.integers(0, 2**16))
+@fixture_ok
+def test_layer_norm_gradcheck_and_torch(backend, lead, norm, affine, seed):
+    norm = tuple(norm) if int(np.prod(norm)) > 1 else tuple(norm) + (2,)
+    arrays = [randn(seed, *lead, *norm) * 2 + 1]
+    arrays += [randn(seed + 1, *norm), randn(seed + 2, *norm)] if affine else []
+    fn = lambda lib: lambda x, *wb: lib.layer_norm(x, norm, *wb)  # noqa: E731
+    assert td.gradcheck(fn(F), [T(backend, a) for a in arrays], seed=seed)
+    if backend.name == "numpy":
+        torch = pytest.importorskip("torch")
+        _check_against_torch(fn(F), fn(torch.nn.functional), arrays, seed=seed)
+
+
+@given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 2**16),
+       approximate=st.sampled_from(["none", "tanh"]))
+@fixture_ok
+def test_gelu_gradcheck_and_torch(backend, shape, seed, approximate):
+    x = randn(seed, *shape) * 3
+    assert td.gradcheck(lambda t: F.gelu(t, approximate), [T(backend, x)], seed=seed)
+    if backend.name == "numpy":
+        torch = pytest.importorskip("torch")
+        _check_against_torch(lambda t: F.gelu(t, approximate),
+                             lambda t: torch.nn.functional.gelu(t, approximate=approximate), [x])
+
+
+def test_erf_without_scipy_matches_scipy():
+    scipy_special = pytest.importorskip("scipy.special")
+    from tinydiff.nn._misc import erf
+    z = np.linspace(-7, 7, 20001)
+    strict = td.get_backend("strict")
+    np.testing.assert_allclose(strict.to_host(erf(strict.asarray(z))), scipy_special.erf(z), atol=3e-15)
+
+
+@given(p=st.sampled_from([0.1, 0.5, 0.9]), seed=st.integers(0, 2**16))
+@fixture_ok
+def test_dropout(backend, p, seed):
+    x = T(backend, randn(seed, 200, 50) + 5)            # nonzero everywhere
+    y = F.dropout(x, p, training=True, rng=backend.default_rng(seed))
+    kept = y.numpy() != 0
+    np.testing.assert_allclose(y.numpy()[kept], x.numpy()[kept] / (1 - p), rtol=1e-12)
+    assert abs(1 - kept.mean() - p) < 0.03                 # 10000 draws: 4+ standard deviations
+    y.backward(backend.asarray(np.ones(y.shape)))
+    np.testing.assert_allclose(x.grad if backend.name == "numpy" else backend.to_host(x.grad),
+                               kept / (1 - p), rtol=1e-12)
+    same = F.dropout(x, p, rng=backend.default_rng(seed)).numpy()
+    np.testing.assert_array_equal(same, y.numpy())          # seeded: reproducible
+    assert F.dropout(x, p, training=False) is x
+    small = [T(backend, randn(seed, 2, 3))]
+    assert td.gradcheck(lambda t: F.dropout(t, p, rng=backend.default_rng(seed)), small, seed=seed)
+
+
+@given(k=st.integers(1, 3), s=st.integers(1, 3), pad=st.integers(0, 1), include=st.booleans(),
+       hw=st.tuples(st.integers(3, 6), st.integers(3, 6)), seed=st.integers(0, 2**16))
+@fixture_ok
+def test_avg_pool2d_gradcheck_and_torch(backend, k, s, pad, include, hw, seed):
+    pad = min(pad, k // 2)
+    x = randn(seed, 2, 2, *hw)
+    fn = lambda lib: lambda t: lib.avg_pool2d(t, k, s, pad, count_include_pad=include)  # noqa: E731
+    assert td.gradcheck(fn(F), [T(backend, x)], seed=seed)
+    if backend.name == "numpy":
+        torch = pytest.importorskip("torch")
+        _check_against_torch(fn(F), fn(torch.nn.functional), [x], seed=seed)
+
+
+@given(hw=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+       how=st.sampled_from(["s2", "s3", "s1.5", "size"]), size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+       seed=st.integers(0, 2**16))
+@fixture_ok
+def test_interpolate_nearest_gradcheck_and_torch(backend, hw, how, size, seed):
+    kw = dict(size=size) if how == "size" else dict(scale_factor=float(how[1:]))
+    if how == "s1.5" and min(hw) < 2:
+        kw = dict(scale_factor=2.0)
+    x = randn(seed, 2, 3, *hw)
+    fn = lambda lib: lambda t: lib.interpolate(t, mode="nearest", **kw)  # noqa: E731
+    assert td.gradcheck(fn(F), [T(backend, x)], seed=seed)
+    if backend.name == "numpy":
+        torch = pytest.importorskip("torch")
+        _check_against_torch(fn(F), fn(torch.nn.functional), [x], seed=seed)
+
+
+def test_embedding(backend):
+    idx = np.array([[1, 2, 2], [0, 4, 1]])
+    w = randn(0, 5, 3)
+    assert td.gradcheck(lambda t: F.embedding(backend.asarray(idx), t), [T(backend, w)])
+    torch = pytest.importorskip("torch")
+    _check_against_torch(lambda t: F.embedding(idx, t),
+                         lambda t: torch.nn.functional.embedding(torch.tensor(idx), t), [w])
+    with pytest.raises(IndexError, match=r"embedding: indices must lie in \[0, 5\)"):
+        F.embedding(np.array([5]), td.Tensor(w))
+
+
+@given(batch=st.lists(st.integers(1, 2), min_size=0, max_size=2), L=st.integers(1, 4), S=st.integers(1, 4),
+       d=st.integers(1, 3), dv=st.integers(1, 3), mask=st.sampled_from([None, "bool", "float"]),
+       seed=st.integers(0, 2**16))
+@fixture_ok
+def test_sdpa_gradcheck_and_torch(backend, batch, L, S, d, dv, mask, seed):
+    arrays = [randn(seed, *batch, L, d), randn(seed + 1, *batch, S, d), randn(seed + 2, *batch, S, dv)]
+    m = None
+    if mask == "bool":
+        m = np.random.default_rng(seed).random((L, S)) > 0.4
+        m[:, 0] = True                                     # no fully masked row
+    elif mask == "float":
+        m = randn(seed + 3, L, S)
+    fn = lambda lib, mm: lambda q, k, v: lib.scaled_dot_product_attention(q, k, v, mm)  # noqa: E731
+    dev_mask = None if m is None else backend.asarray(m)
+    assert td.gradcheck(fn(F, dev_mask), [T(backend, a) for a in arrays], seed=seed)
+    if backend.name == "numpy":
+        torch = pytest.importorskip("torch")
+        _check_against_torch(fn(F, m), fn(torch.nn.functional, None if m is None else torch.tensor(m)),
+                             arrays, seed=seed)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_multi_head_self_attention2d(backend, heads):
+    c, seed = 4, 3
+    arrays = [randn(seed, 2, c, 2, 3), randn(seed + 1, 3 * c, c) * 0.5, randn(seed + 2, 3 * c),
+              randn(seed + 3, c, c), randn(seed + 4, c)]
+    fn = lambda *a: F.multi_head_self_attention2d(*a, num_heads=heads)  # noqa: E731
+    assert td.gradcheck(fn, [T(backend, a) for a in arrays], mode="directional")
+    torch = pytest.importorskip("torch")
+
+    def theirs(x, wi, bi, wo, bo):
+        t = x.reshape(2, c, 6).permute(2, 0, 1)             # (L, N, C), torch's default layout
+        o, _ = torch.nn.functional.multi_head_attention_forward(
+            t, t, t, c, heads, wi, bi, None, None, False, 0.0, wo, bo, training=False, need_weights=False)
+        return o.permute(1, 2, 0).reshape(2, c, 2, 3)
+    _check_against_torch(fn, theirs, arrays, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_input_messages_phase2():
+    x = td.Tensor(np.zeros((2, 3, 5, 5), np.float32))
+    with pytest.raises(td.ShapeError, match=r"layer_norm: normalized_shape \(4,\) must match"):
+        F.layer_norm(x, 4)
+    with pytest.raises(td.ShapeError, match=r"avg_pool2d: kernel 6x6 is larger than the padded input 5x5"):
+        F.avg_pool2d(x, 6)
+    with pytest.raises(td.ShapeError, match=r"scaled_dot_product_attention: q \(2, 3\), k \(4, 2\)"):
+        F.scaled_dot_product_attention(np.zeros((2, 3)), np.zeros((4, 2)), np.zeros((4, 2)))
+    with pytest.raises(td.ShapeError, match=r"multi_head_self_attention2d: num_heads=2 must divide the 3"):
+        F.multi_head_self_attention2d(x, np.zeros((9, 3)), None, np.zeros((3, 3)), None, num_heads=2)
+    with pytest.raises(ValueError, match=r"interpolate: give exactly one of size and scale_factor"):
+        F.interpolate(x)
+    with pytest.raises(ValueError, match=r"dropout: p must be in \[0, 1\]"):
+        F.dropout(x, 1.5)
+    with pytest.raises(td.ShapeError, match=r"group_norm_silu: shift must have shape \(N, C\) = \(2, 3\)"):
+        F.group_norm_silu(x, 3, shift=np.zeros((2, 4), np.float32))

@@ -139,3 +139,40 @@ class GroupNormSiluFn(Function):
             grads.append(sum_dy_xhat.sum(axis=0) if self.needs_grad[k] else None)
             grads.append(sum_dy.sum(axis=0) if self.needs_grad[k + 1] else None)
         return tuple(grads)
+
+
+class LayerNormFn(Function):
+    """LayerNorm over the last ``k`` axes; weight and bias (if any) have the shape of those axes."""
+
+    def forward(self, x, *affine, k, eps):
+        xp = backend_of(x).xp
+        axes = tuple(range(x.ndim - k, x.ndim))
+        m = 1
+        for a in axes:
+            m *= x.shape[a]
+        xhat = x - x.mean(axis=axes, keepdims=True)
+        var = (xhat * xhat).sum(axis=axes, keepdims=True) * (1.0 / m)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat *= rstd
+        self.xhat, self.rstd, self.axes, self.m = xhat, rstd, axes, m
+        self.weight = affine[0] if affine else None
+        if not affine:
+            return xhat
+        y = xhat * affine[0]
+        y += affine[1]
+        return y
+
+    def backward(self, g):
+        xhat, axes, m = self.xhat, self.axes, self.m
+        dxhat = g if self.weight is None else g * self.weight
+        mean_d = dxhat.sum(axis=axes, keepdims=True) * (1.0 / m)
+        mean_dx = (dxhat * xhat).sum(axis=axes, keepdims=True) * (1.0 / m)
+        gx = dxhat - mean_d
+        gx -= xhat * mean_dx
+        gx *= self.rstd
+        if self.weight is None:
+            return gx
+        lead = tuple(range(g.ndim - len(axes)))
+        gw = (g * xhat).sum(axis=lead) if self.needs_grad[1] else None
+        gb = g.sum(axis=lead) if self.needs_grad[2] else None
+        return gx, gw, gb

@@ -14,14 +14,22 @@ of DESIGN.md section 2.
 """
 from __future__ import annotations
 
+import math
 import numbers
+
+import numpy as np
 
 from ..backend import backend_of
 from ..tensor import Function, ShapeError, Tensor
 from ._conv import Conv2dFn, ConvTranspose2dFn
-from ._norm import GroupNormFn, GroupNormSiluFn
+from ._attention import ScaledDotProductAttentionFn
+from ._misc import (AvgPool2dFn, DropoutFn, EmbeddingFn, GeluFn, UpsampleNearestFn, default_rng,
+                    dropout_mask, nearest_index)
+from ._norm import GroupNormFn, GroupNormSiluFn, LayerNormFn
 
-__all__ = ["linear", "conv2d", "conv_transpose2d", "group_norm", "group_norm_silu", "silu"]
+__all__ = ["linear", "conv2d", "conv_transpose2d", "group_norm", "group_norm_silu", "layer_norm", "silu",
+           "gelu", "dropout", "avg_pool2d", "interpolate", "upsample", "embedding",
+           "scaled_dot_product_attention", "multi_head_self_attention2d"]
 
 
 # -- argument checks ---------------------------------------------------------------------------
@@ -259,3 +267,176 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, shift=None)
     args += _affine(x, weight, bias, C, op)
     return GroupNormSiluFn.apply(*args, num_groups=int(num_groups), eps=float(eps),
                                  has_shift=shift is not None)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the trailing axes ``normalized_shape``; weight and bias of that shape."""
+    op = "layer_norm"
+    x = _tensor(x, op, "x")
+    shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) else tuple(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.shape[x.ndim - k:] != shape or x.ndim < k:
+        raise ShapeError(f"{op}: normalized_shape {shape} must match the trailing axes of the "
+                         f"input {x.shape}")
+    _check_float(x, op)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != shape:
+            raise ShapeError(f"{op}: {name} must have shape {shape}, got {tuple(p.shape)}")
+    affine = ()
+    if weight is not None or bias is not None:
+        xp = x.backend.xp
+        weight = Tensor(xp.ones(shape, dtype=x.dtype)) if weight is None else _tensor(weight, op, "weight")
+        bias = Tensor(xp.zeros(shape, dtype=x.dtype)) if bias is None else _tensor(bias, op, "bias")
+        affine = (weight, bias)
+    return LayerNormFn.apply(x, *affine, k=k, eps=float(eps))
+
+
+# -- more activations, dropout -----------------------------------------------------------------
+
+def gelu(x, approximate="none"):
+    """x * Phi(x) (Phi the standard normal CDF); ``approximate="tanh"`` uses PyTorch's tanh form."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GeluFn.apply(_tensor(x, "gelu", "x"), approximate=approximate)
+
+
+def dropout(x, p=0.5, training=True, rng=None):
+    """Inverted dropout: in training, zero each element with probability p and scale the rest by
+    1/(1-p); the identity in evaluation. ``rng``: a tinydiff Generator on x's backend (default: a
+    process-wide one per backend, seeded with 0)."""
+    x = _tensor(x, "dropout", "x")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    if rng is None:
+        rng = default_rng(x.backend)
+    elif rng.backend is not x.backend:
+        raise ValueError(f"dropout: rng is on backend {rng.backend.name!r} but x is on "
+                         f"{x.backend.name!r}; use backend.default_rng(seed) of x's backend")
+    return DropoutFn.apply(x, keep_scaled=dropout_mask(x.data, p, rng))
+
+
+# -- pooling, resampling, embedding ------------------------------------------------------------
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
+    """Average over kernel_size windows of an (N, C, H, W) input (PyTorch's floor mode)."""
+    op = "avg_pool2d"
+    x = _tensor(x, op, "x")
+    _check_ndim(x, 4, op, "input (N, C, H, W)")
+    kernel = _pair(kernel_size, op, "kernel_size", 1)
+    stride = kernel if stride is None else _pair(stride, op, "stride", 1)
+    padding = _pair(padding, op, "padding", 0)
+    if padding[0] > kernel[0] // 2 or padding[1] > kernel[1] // 2:
+        raise ValueError(f"{op}: padding {padding} must be at most half the kernel {kernel}")
+    H, W = x.shape[2:]
+    if kernel[0] > H + 2 * padding[0] or kernel[1] > W + 2 * padding[1]:
+        raise ShapeError(f"{op}: kernel {kernel[0]}x{kernel[1]} is larger than the padded input "
+                         f"{H + 2 * padding[0]}x{W + 2 * padding[1]} (input {x.shape}, padding {padding})")
+    _check_float(x, op)
+    return AvgPool2dFn.apply(x, kernel=kernel, stride=stride, padding=padding,
+                             count_include_pad=bool(count_include_pad))
+
+
+def interpolate(x, size=None, scale_factor=None, mode="nearest"):
+    """Resize the last two axes of (N, C, H, W) with nearest-neighbour sampling, PyTorch's rule
+    (source index floor(i * in / out), or floor(i / scale_factor) when scale_factor is given)."""
+    op = "interpolate"
+    x = _tensor(x, op, "x")
+    if mode != "nearest":
+        raise ValueError(f"{op}: only mode='nearest' is implemented, got {mode!r}")
+    _check_ndim(x, 4, op, "input (N, C, H, W)")
+    H, W = x.shape[2:]
+    if (size is None) == (scale_factor is None):
+        raise ValueError(f"{op}: give exactly one of size and scale_factor")
+    if size is not None:
+        out = _pair(size, op, "size", 1)
+        scales = (None, None)
+    else:
+        scales = (tuple(float(s) for s in scale_factor) if isinstance(scale_factor, (tuple, list))
+                  else (float(scale_factor),) * 2)
+        if min(scales) <= 0:
+            raise ValueError(f"{op}: scale_factor must be positive, got {scale_factor}")
+        out = (int(H * scales[0]), int(W * scales[1]))
+        if min(out) < 1:
+            raise ShapeError(f"{op}: scale_factor {scale_factor} gives an empty output for input {x.shape}")
+    rows, cols = nearest_index(H, out[0], scales[0]), nearest_index(W, out[1], scales[1])
+    return UpsampleNearestFn.apply(x, rows=rows, cols=cols)
+
+
+def upsample(x, size=None, scale_factor=None, mode="nearest"):
+    """Alias of ``interpolate`` (nearest)."""
+    return interpolate(x, size=size, scale_factor=scale_factor, mode=mode)
+
+
+def embedding(idx, weight):
+    """Rows of ``weight`` (num_embeddings, dim) picked by the integer indices ``idx`` (any shape):
+    output shape idx.shape + (dim,)."""
+    op = "embedding"
+    weight = _tensor(weight, op, "weight")
+    _check_ndim(weight, 2, op, "weight (num_embeddings, embedding_dim)")
+    idx = idx.data if isinstance(idx, Tensor) else idx
+    if isinstance(idx, (numbers.Integral, list, tuple)):
+        idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"{op}: indices must be integers, got {idx.dtype}")
+    if isinstance(idx, np.ndarray):   # host indices: checked here (device ones are not, no sync)
+        if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+            raise IndexError(f"{op}: indices must lie in [0, {weight.shape[0]}), got values in "
+                             f"[{idx.min()}, {idx.max()}] (weight {weight.shape})")
+        idx = weight.backend.asarray(idx)
+    elif backend_of(idx) is not weight.backend:
+        raise ValueError(f"{op}: indices on backend {backend_of(idx).name!r}, weight on "
+                         f"{weight.backend.name!r}; move them to the same backend")
+    return EmbeddingFn.apply(weight, idx=idx)
+
+
+# -- attention ---------------------------------------------------------------------------------
+
+def scaled_dot_product_attention(q, k, v, mask=None, scale=None):
+    """softmax(q k^T * scale + mask) v, scale = 1/sqrt(d) by default. q (..., L, d), k (..., S, d),
+    v (..., S, d_v), leading axes broadcast; ``mask`` boolean (True = may attend, as PyTorch's
+    attn_mask) or additive float, broadcastable to (..., L, S)."""
+    op = "scaled_dot_product_attention"
+    q, k, v = _tensor(q, op, "q"), _tensor(k, op, "k"), _tensor(v, op, "v")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.ndim < 2:
+            raise ShapeError(f"{op}: {name} must be at least 2-D (..., length, dim), got {t.shape}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ShapeError(f"{op}: q {q.shape}, k {k.shape}, v {v.shape} do not fit: q and k need the "
+                         "same last axis, k and v the same length (axis -2)")
+    _check_float(q, op)
+    if mask is not None:
+        mask = mask.data if isinstance(mask, Tensor) else mask
+        if backend_of(mask) is not q.backend:
+            mask = q.backend.asarray(mask)
+        if mask.dtype != bool:
+            mask = mask.astype(q.dtype)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return ScaledDotProductAttentionFn.apply(q, k, v, mask=mask, scale=scale)
+
+
+def multi_head_self_attention2d(x, in_weight, in_bias, out_weight, out_bias, num_heads=1):
+    """Multi-head self-attention among the H*W positions of a feature map x (N, C, H, W):
+    tokens (N, HW, C) -> q, k, v = split(tokens @ in_weight^T + in_bias) into heads ->
+    attention -> merge heads -> @ out_weight^T + out_bias -> (N, C, H, W). Weights as PyTorch's
+    nn.MultiheadAttention: in_weight (3C, C) stacked q, k, v; out_weight (C, C). No norm and no
+    residual here (the module adds those)."""
+    op = "multi_head_self_attention2d"
+    x = _tensor(x, op, "x")
+    _check_ndim(x, 4, op, "input (N, C, H, W)")
+    n, c, h, w = x.shape
+    if c % num_heads:
+        raise ShapeError(f"{op}: num_heads={num_heads} must divide the {c} channels of {x.shape}")
+    if tuple(in_weight.shape) != (3 * c, c) or tuple(out_weight.shape) != (c, c):
+        raise ShapeError(f"{op}: for {c} channels in_weight must be ({3 * c}, {c}) and out_weight "
+                         f"({c}, {c}), got {tuple(in_weight.shape)} and {tuple(out_weight.shape)}")
+    d = c // num_heads
+    tokens = x.reshape(n, c, h * w).transpose(0, 2, 1)                       # (N, HW, C)
+    qkv = linear(tokens, in_weight, in_bias).reshape(n, h * w, 3, num_heads, d)
+    qkv = qkv.transpose(2, 0, 3, 1, 4)                                       # (3, N, heads, HW, d)
+    out = scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+    out = out.transpose(0, 2, 1, 3).reshape(n, h * w, c)
+    return linear(out, out_weight, out_bias).transpose(0, 2, 1).reshape(n, c, h, w)
