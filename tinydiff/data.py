@@ -326,8 +326,10 @@ def load_dataset(name, split="train", root=None, limit=None, download=True, verb
     key = _ALIASES.get(name.lower(), name.lower())
     _dataset(key)
     images, labels = _LOADERS[key](split, root=root, download=download, verbose=verbose)
-    if limit is not None:
+    if limit is not None and limit < len(images):
         images, labels = images[:limit], labels[:limit]
+        if verbose:
+            _say(f"using the first {limit} of them")
     return images, labels
 
 

@@ -41,7 +41,7 @@ CHECKPOINT = "checkpoint.npz"
 FORMAT = "tinydiff-checkpoint-v1"
 # settings that may differ between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "progress", "sampler", "sample_steps",
-                               "num_samples", "backend", "sample_only", "sample_every"})
+                               "num_samples", "backend", "sample_only", "sample_every", "nonfinite"})
 
 
 class CheckpointError(RuntimeError):
@@ -205,6 +205,19 @@ def load_checkpoint(path):
     return _decode(meta["state"], arrays)
 
 
+def read_config(path):
+    """The run configuration stored in a checkpoint, without loading its arrays."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(f["__meta__"].tobytes().decode())
+        return meta["state"]["config"]
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {path}") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable tinydiff checkpoint ({type(e).__name__}: "
+                              f"{e})") from e
+
+
 def _jsonable(config):
     return json.loads(json.dumps(config, default=str)) if config is not None else {}
 
@@ -232,6 +245,24 @@ def load_model_weights(path, model, use_ema=True):
     except Exception as e:
         raise CheckpointError(f"{path} does not fit this model: {e}") from e
     return state
+
+
+def sample_and_save(model, sample_fn, prefix, seed, ema=None, **info):
+    """Draw samples (EMA weights if given, no_grad, eval mode) and write ``prefix``.png (a grid)
+    and ``prefix``.npz (``samples`` float32 (N, C, H, W) as drawn, unclipped, plus ``info``).
+    Returns the host samples."""
+    import contextlib
+
+    model.eval()
+    try:
+        with no_grad(), (ema.average_parameters(model) if ema is not None else contextlib.nullcontext()):
+            samples = np.asarray(sample_fn(model, seed), np.float32)
+    finally:
+        model.train()
+    _plot.save_image_grid(samples, prefix + ".png")
+    np.savez(prefix + ".npz", samples=samples, seed=seed, **info)
+    _say(f"{len(samples)} samples: {prefix}.png, {prefix}.npz")
+    return samples
 
 
 # -- the loop --------------------------------------------------------------------------------
