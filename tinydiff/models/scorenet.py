@@ -184,13 +184,18 @@ class ScoreNet(nn.Module):
         return t if t.dtype == x.dtype else t.astype(x.dtype)
 
     def _std(self, t, like):
-        """marginal_std(t) as an (N, 1, 1, 1) array in the output's dtype."""
+        """marginal_std(t) as an (N, 1, 1, 1) Tensor in the output's dtype. It is differentiable in
+        t when t requires grad and marginal_std accepts Tensors (as tinydiff.sde's SDEs do)."""
+        if t.requires_grad:
+            s = self.marginal_std(t)
+            if isinstance(s, Tensor):
+                return s.reshape(-1, 1, 1, 1)
         s = self.marginal_std(t.data)
         s = s.data if isinstance(s, Tensor) else s
         xp = like.backend.xp
         if isinstance(s, (int, float)):
             s = xp.full((like.shape[0],), s, dtype=like.dtype)
-        return s.astype(like.dtype, copy=False).reshape(-1, 1, 1, 1)
+        return Tensor(s.astype(like.dtype, copy=False).reshape(-1, 1, 1, 1))
 
     def forward(self, x, t, y=None):
         x = x if isinstance(x, Tensor) else Tensor(x)
@@ -207,7 +212,7 @@ class ScoreNet(nn.Module):
         h = _embed_norm_swish(self.tconv3(self._skip(h, h3)), self.dense6(embed), self.tgnorm3)
         h = _embed_norm_swish(self.tconv2(self._skip(h, h2)), self.dense7(embed), self.tgnorm2)
         h = self.tconv1(self._skip(h, h1))
-        return h / Tensor(self._std(t, h))             # s(x, t) = h / std(t)
+        return h / self._std(t, h)                     # s(x, t) = h / std(t)
 
     @staticmethod
     def _skip(h, skip):
