@@ -307,6 +307,11 @@ def test_other_layers_match_torch(backend):
         (nn.GroupNorm(4, 8), torch.nn.GroupNorm(4, 8), x4),
         (nn.LayerNorm((5, 3)), torch.nn.LayerNorm((5, 3)), x4),
         (nn.Embedding(10, 4), torch.nn.Embedding(10, 4), idx),
+        (nn.GELU(), torch.nn.GELU(), x4),
+        (nn.GELU("tanh"), torch.nn.GELU("tanh"), x4),
+        (nn.AvgPool2d(2), torch.nn.AvgPool2d(2), x4),
+        (nn.Upsample(scale_factor=2), torch.nn.Upsample(scale_factor=2), x4),
+        (nn.Sequential(nn.Flatten(), nn.ReLU()), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU()), x4),
     ]
     for ours, theirs, x in cases:
         for p in ours.parameters():                  # non-trivial affine parameters

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from ..tensor import Tensor, concat
+from ..tensor import concat
 from . import functional as F
 from . import init
 from .module import Module, Parameter
@@ -17,11 +17,6 @@ from .module import Module, Parameter
 
 def _pair(v):
     return (v, v) if isinstance(v, numbers.Integral) else tuple(v)
-
-
-def _functional(name):
-    """The fused op ``F.<name>`` if helper B's functional module provides it, else None."""
-    return getattr(F, name, None)
 
 
 class Identity(Module):
@@ -127,13 +122,7 @@ class LayerNorm(Module):
         self.bias = Parameter(init.zeros(shape)) if elementwise_affine else None
 
     def forward(self, x):
-        fused = _functional("layer_norm")
-        if fused is not None:
-            return fused(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        axes = tuple(range(x.ndim - len(self.normalized_shape), x.ndim))   # reference composition
-        mu = x.mean(axis=axes, keepdims=True)
-        y = (x - mu) / (x.var(axis=axes, keepdims=True) + self.eps).sqrt()
-        return y if self.weight is None else y * self.weight + self.bias
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -148,11 +137,7 @@ class Embedding(Module):
         self.weight = Parameter(init.normal((num_embeddings, embedding_dim)))
 
     def forward(self, idx):
-        raw = idx.data if isinstance(idx, Tensor) else idx
-        fused = _functional("embedding")
-        if fused is not None:
-            return fused(raw, self.weight)
-        return self.weight[raw]     # GetItem: its backward scatter-adds repeated indices
+        return F.embedding(idx, self.weight)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
@@ -178,12 +163,7 @@ class Dropout(Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        rng = self._rng(x.backend)
-        fused = _functional("dropout")
-        if fused is not None:
-            return fused(x, self.p, True, rng)
-        keep = rng.uniform(x.shape, dtype=x.dtype) >= self.p    # reference composition
-        return x * (keep.astype(x.dtype) * (1.0 / (1.0 - self.p)))
+        return F.dropout(x, self.p, True, self._rng(x.backend))
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -200,12 +180,14 @@ class ReLU(Module):
 
 
 class GELU(Module):
+    """x Phi(x) (exact, PyTorch's default) or its tanh form with approximate="tanh"."""
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        self.approximate = approximate
+
     def forward(self, x):
-        fused = _functional("gelu")
-        if fused is not None:
-            return fused(x)
-        c = math.sqrt(2.0 / math.pi)     # tanh approximation, used only without B's op
-        return 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+        return F.gelu(x, self.approximate)
 
 
 class Flatten(Module):
@@ -217,12 +199,32 @@ class Flatten(Module):
         return x.flatten(self.start_dim)
 
 
+class AvgPool2d(Module):
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    def forward(self, x):
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding)
+
+
+class Upsample(Module):
+    """Nearest-neighbour upsampling by ``scale_factor`` (or to ``size``)."""
+
+    def __init__(self, size=None, scale_factor=None, mode="nearest"):
+        super().__init__()
+        self.size, self.scale_factor, self.mode = size, scale_factor, mode
+
+    def forward(self, x):
+        return F.interpolate(x, self.size, self.scale_factor, self.mode)
+
+
 class SelfAttention2d(Module):
     """Multi-head self-attention over the H*W positions of a feature map, with a residual:
     x + proj(attention(qkv(group_norm(x)))), the attention block of DDPM-style U-Nets.
 
-    qkv and proj are 1x1 convolutions (stored as Linear layers over channels); the output
-    projection starts at the PyTorch default init.
+    qkv (3C, C) stacks the q, k, v projections as PyTorch's nn.MultiheadAttention in_proj does;
+    both projections are per-position (1x1 convolutions) with PyTorch's default Linear init.
     """
 
     def __init__(self, channels, num_heads=1, num_groups=32):
@@ -236,19 +238,9 @@ class SelfAttention2d(Module):
         self.proj = Linear(channels, channels)
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        heads, d = self.num_heads, c // self.num_heads
-        tokens = self.norm(x).reshape(n, c, h * w).transpose(0, 2, 1)          # (N, HW, C)
-        qkv = self.qkv(tokens).reshape(n, h * w, 3, heads, d).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                         # (N, heads, HW, d)
-        sdpa = _functional("scaled_dot_product_attention")
-        if sdpa is not None:
-            out = sdpa(q, k, v)
-        else:   # reference composition: softmax(q k^T / sqrt(d)) v
-            scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))
-            out = scores.softmax(axis=-1) @ v
-        out = out.transpose(0, 2, 1, 3).reshape(n, h * w, c)
-        return x + self.proj(out).transpose(0, 2, 1).reshape(n, c, h, w)
+        h = F.multi_head_self_attention2d(self.norm(x), self.qkv.weight, self.qkv.bias,
+                                          self.proj.weight, self.proj.bias, self.num_heads)
+        return x + h
 
     def extra_repr(self):
         return f"{self.channels}, num_heads={self.num_heads}"
@@ -260,4 +252,4 @@ def cat(tensors, dim=1):
 
 
 __all__ = ["Identity", "Linear", "Conv2d", "ConvTranspose2d", "GroupNorm", "LayerNorm", "Embedding",
-           "Dropout", "SiLU", "ReLU", "GELU", "Flatten", "SelfAttention2d", "cat"]
+           "Dropout", "SiLU", "ReLU", "GELU", "Flatten", "AvgPool2d", "Upsample", "SelfAttention2d", "cat"]
