@@ -389,6 +389,8 @@ class Stack(Function):
 class Pad(Function):
     def forward(self, a, pad_width, value=0.0):
         self.index = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad_width, a.shape))
+        if a.ndim == 0:
+            return a.copy()                      # nothing to pad (NumPy refuses empty widths)
         return backend_of(a).xp.pad(a, pad_width, mode="constant", constant_values=value)
 
     def backward(self, g):
