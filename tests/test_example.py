@@ -91,9 +91,13 @@ def test_train_outputs_resume_and_sample_only(example, mnist_root, tmp_path, cap
 
     # sample only, with another sampler; the checkpoint is left alone
     before = (out / "checkpoint.npz").read_bytes()
-    assert example.main(["--out", str(out), "--sample-only", "--sampler", "pc"]) == 0
+    capsys.readouterr()
+    assert example.main(["--out", str(out), "--sample-only", "--sampler", "pc", "--bpd", "3",
+                         "--data", mnist_root]) == 0
     with np.load(out / "samples_pc.npz") as f:
         assert f["samples"].shape == (4, 1, 28, 28) and str(f["sampler"]) == "pc"
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "bits/dim" in ln][0]
+    assert "(3 images)" in line and 0 < float(line.split(": ")[1].split()[0]) < 100
     assert (out / "checkpoint.npz").read_bytes() == before
 
     # a resume that changes the trajectory is refused with the difference named
@@ -114,9 +118,15 @@ def test_recipes_and_explicit_flags(example, tmp_path):
     assert example.build_config(example.parse_args([]))["recipe"] == "fast"
 
 
+def script(*args):
+    """Run the example in a fresh interpreter (tinydiff importable from this checkout)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
 def test_help_documents_every_flag():
-    out = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = script("--help")
     assert out.returncode == 0
     for flag in ("--backend", "--epochs", "--batch-size", "--lr", "--seed", "--out", "--sampler",
                  "--sample-steps", "--resume", "--sample-only", "--recipe", "--limit"):
@@ -125,8 +135,7 @@ def test_help_documents_every_flag():
 
 @pytest.mark.skipif(td.probe_cupy() is None, reason="a working GPU is present")
 def test_cupy_without_gpu_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, SCRIPT, "--backend", "cupy", "--out", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=60)
+    out = script("--backend", "cupy", "--out", str(tmp_path / "r"))
     assert out.returncode == 1
     assert out.stderr.startswith("error: ") and "--backend numpy" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) <= 3

@@ -218,6 +218,17 @@ def read_config(path):
                               f"{e})") from e
 
 
+def resolve_config(recipes, defaults, explicit, resume_from=None):
+    """A run's settings: ``defaults``, then ``recipes[recipe]``, then the config stored in
+    ``resume_from``/checkpoint.npz (when resuming or sampling), then the ``explicit`` flags.
+    The recipe itself comes from the flags, else the checkpoint, else the defaults."""
+    saved = read_config(os.path.join(resume_from, CHECKPOINT)) if resume_from else {}
+    recipe = explicit.get("recipe", saved.get("recipe", defaults.get("recipe")))
+    if recipe not in recipes:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(recipes)}")
+    return {**defaults, **recipes[recipe], **saved, **explicit, "recipe": recipe}
+
+
 def _jsonable(config):
     return json.loads(json.dumps(config, default=str)) if config is not None else {}
 
@@ -525,9 +536,9 @@ class Trainer:
                 if not skipped:
                     running[0] += loss
                     running[1] += 1
-                bar.update(1)
                 bar.set_postfix(loss=f"{running[0] / max(running[1], 1):.4g}", lr=f"{lr:.2g}",
                                 refresh=False)
+                bar.update(1)
                 if self._stop_requested:
                     self._interrupted(start, None, bar)
         finally:
