@@ -334,3 +334,30 @@ def test_host_generator_is_backend_independent(backend):
     a.set_state(state)
     np.testing.assert_array_equal(backend.to_host(a.uniform((5,), 0.1, 0.2)), u)
     assert ((u >= 0.1) & (u <= 0.2)).all()
+
+
+def test_label_dropout_for_classifier_free_guidance(backend):
+    seen = []
+
+    class Recorder(nn.Module):
+        null_label = 10
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(np.ones((1,), np.float32), backend=backend.name)
+
+        def forward(self, x, t, y):
+            seen.append(backend.to_host(y).copy())
+            return x * self.w
+    x = backend.asarray(np.zeros((400, 1, 2, 2), np.float32))
+    y = backend.asarray(np.arange(400) % 10)
+    for p, expected in ((0.0, 0), (1.0, 400), (0.25, 100)):
+        loss_fn = train.score_matching_loss(SDE, use_labels=True, label_dropout=p)
+        loss_fn(Recorder(), x, y, train.HostGenerator(backend, 0))
+        dropped = seen[-1] == 10
+        kept = ~dropped
+        assert np.array_equal(seen[-1][kept], (np.arange(400) % 10)[kept])
+        # Binomial(400, 0.25): mean 100, sd 8.7; 5 sd either side
+        assert abs(dropped.sum() - expected) <= 5 * np.sqrt(400 * p * (1 - p)), (p, dropped.sum())
+    loss_fn(Recorder(), x, y, train.HostGenerator(backend, 0))
+    assert np.array_equal(seen[-1], seen[-2])    # the draws come from the seeded generator

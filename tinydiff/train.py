@@ -86,13 +86,30 @@ _ORDER, _NOISE, _SAMPLES = 1, 2, 3   # purposes, so each stream is independent o
 
 # -- the objective and the per-epoch samples -------------------------------------------------
 
-def score_matching_loss(sde, eps=1e-5, use_labels=False):
-    """loss_fn(model, x, y, rng) for the Trainer: denoising score matching, eq. 5 (sde.dsm_loss);
-    with ``use_labels`` the class labels y are passed to the model."""
+def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null_label=None):
+    """loss_fn(model, x, y, rng) for the Trainer: denoising score matching, eq. 5 (sde.dsm_loss).
+
+    With ``use_labels`` the class labels y are passed to the model; ``label_dropout`` > 0 replaces
+    each label by ``null_label`` (default: ``model.null_label``) with that probability, so one
+    model also learns the unconditional score (classifier-free guidance). The dropout draws come
+    from the trainer's generator, so resuming stays exact.
+    """
     from .sde import dsm_loss
 
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ValueError(f"label_dropout must lie in [0, 1], got {label_dropout}")
+
     def loss_fn(model, x, y, rng):
-        return dsm_loss(model, x, sde, rng, eps=eps, labels=y if use_labels else None)
+        labels = None
+        if use_labels:
+            if y is None:
+                raise ValueError("use_labels=True but the trainer got no labels; pass labels=")
+            labels = y
+            if label_dropout > 0:
+                null = model.null_label if null_label is None else null_label
+                drop = rng.uniform((y.shape[0],)) < label_dropout
+                labels = backend_of(y).xp.where(drop, null, y)
+        return dsm_loss(model, x, sde, rng, eps=eps, labels=labels)
     return loss_fn
 
 
