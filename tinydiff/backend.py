@@ -177,14 +177,14 @@ def available_backends():
     return names
 
 
-_BY_TYPE: dict[type, Backend] = {}   # array type -> backend, filled as types are met
+_BY_TYPE: dict[type, str] = {}   # array type -> backend name, filled as types are met
 
 
 def backend_of(array):
     """The backend that owns ``array`` (numpy for Python scalars; a Tensor's own backend)."""
-    backend = _BY_TYPE.get(type(array))
-    if backend is not None:
-        return backend
+    name = _BY_TYPE.get(type(array))
+    if name is not None:
+        return get_backend(name)
     if isinstance(array, (np.ndarray, np.generic, int, float, bool)):
         backend = get_backend("numpy")
     elif isinstance(getattr(array, "backend", None), Backend):   # a Tensor
@@ -197,7 +197,7 @@ def backend_of(array):
             backend = get_backend("strict")
         else:
             raise BackendError(f"not an array of any tinydiff backend: {type(array).__name__}")
-    _BY_TYPE[type(array)] = backend
+    _BY_TYPE[type(array)] = backend.name
     return backend
 
 
