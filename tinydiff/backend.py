@@ -184,7 +184,7 @@ def backend_of(array):
     """The backend that owns ``array`` (numpy for Python scalars; a Tensor's own backend)."""
     name = _BY_TYPE.get(type(array))
     if name is not None:
-        return get_backend(name)
+        return _BACKENDS.get(name) or get_backend(name)
     if isinstance(array, (np.ndarray, np.generic, int, float, bool)):
         backend = get_backend("numpy")
     elif isinstance(getattr(array, "backend", None), Backend):   # a Tensor

@@ -79,7 +79,7 @@ def is_grad_enabled():
 # -- Tensor -----------------------------------------------------------------------------------
 
 def _is_float(dtype):
-    return np.issubdtype(dtype, np.floating)
+    return dtype.kind == "f"
 
 
 class Tensor:
@@ -112,6 +112,13 @@ class Tensor:
         self.grad = None
         self._ctx = None                          # the Function that made this tensor
         self.requires_grad = requires_grad
+
+    @classmethod
+    def _wrap(cls, data):
+        """A tensor around ``data``, already an array of some backend (the fast path ops use)."""
+        t = object.__new__(cls)
+        t.data, t.grad, t._ctx, t._requires_grad = data, None, None, False
+        return t
 
     @property
     def requires_grad(self):
@@ -319,15 +326,14 @@ class Function:
                 raise
             shapes = " and ".join(str(t.shape) for t in tensors)
             raise ShapeError(f"{cls.__name__.lower()}: inputs of shapes {shapes} do not fit: {e}") from None
-        result = Tensor(out)
+        result = Tensor._wrap(np.asarray(out) if isinstance(out, np.generic) else out)
         if _grad_enabled and any(fn.needs_grad) and _is_float(result.dtype):
             fn.parents = tuple((t._ctx or t) if need else None for t, need in zip(tensors, fn.needs_grad))
             fn.generation = builtins.max((p.generation for p in fn.parents if isinstance(p, Function)),
                                          default=-1) + 1
             fn.seq = next(_sequence)
             fn.out_meta = (result.shape, result.dtype)
-            result._ctx = fn
-            result.requires_grad = True
+            result._ctx, result._requires_grad = fn, True
         return result
 
     def forward(self, *arrays, **params):
@@ -358,7 +364,7 @@ def _as_tensors(inputs, op_name):
             out.append(x)
         elif isinstance(x, (int, float, bool, np.generic)):
             dtype = like.dtype if _is_float(like.dtype) else None
-            out.append(Tensor(first.xp.asarray(x, dtype=dtype)))
+            out.append(Tensor._wrap(first.xp.asarray(x, dtype=dtype)))
         else:
             b = backend_of(x)
             if b is not first:
