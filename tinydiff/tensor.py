@@ -328,7 +328,7 @@ class Function:
             raise ShapeError(f"{cls.__name__.lower()}: inputs of shapes {shapes} do not fit: {e}") from None
         result = Tensor._wrap(np.asarray(out) if isinstance(out, np.generic) else out)
         if _grad_enabled and any(fn.needs_grad) and _is_float(result.dtype):
-            fn.parents = tuple((t._ctx or t) if need else None for t, need in zip(tensors, fn.needs_grad))
+            fn.parents = tuple(_node(t) if need else None for t, need in zip(tensors, fn.needs_grad))
             fn.generation = builtins.max((p.generation for p in fn.parents if isinstance(p, Function)),
                                          default=-1) + 1
             fn.seq = next(_sequence)
