@@ -365,3 +365,34 @@ def test_item_numpy_detach_and_to(backend):
     a, b = x[0]
     assert b.item() == 2.0
     assert len(x) == 1 and x.shape == (1, 2) and x.ndim == 2 and x.size == 2
+
+
+# -- gradcheck itself ------------------------------------------------------------------------------
+
+def test_gradcheck_reports_where_backward_is_wrong(backend):
+    class WrongSquare(Function):
+        def forward(self, a):
+            self.a = a
+            return a * a
+
+        def backward(self, g):
+            return g * 2 * self.a * (1 + (self.a > 1.5))    # right below 1.5, doubled above
+
+    x = T([[0.5, 1.0], [2.0, -1.0]], backend, requires_grad=True)
+    with pytest.raises(td.GradcheckError, match=r"input 0 \(shape \(2, 2\)\): 1 of 4 gradient "
+                                                r"entries disagree; first at index \(1, 0\)"):
+        td.gradcheck(WrongSquare.apply, [x])
+    with pytest.raises(td.GradcheckError, match=r"input 0 \(shape \(2, 2\)\), direction 0"):
+        td.gradcheck(WrongSquare.apply, [x], mode="directional")
+    assert td.gradcheck(lambda t: t * t, [x], mode="directional")
+
+
+def test_gradcheck_checks_its_arguments_and_keeps_index_inputs(backend):
+    x32 = td.Tensor(np.ones(3, dtype=np.float32), requires_grad=True, backend=backend.name)
+    with pytest.raises(ValueError, match="float32; use float64"):
+        td.gradcheck(lambda t: t * 2, [x32])
+    with pytest.raises(ValueError, match="no input requires grad"):
+        td.gradcheck(lambda t: t * 2, [T([1.0], backend)])
+    x = T([1.0, 2.0, 3.0], backend, requires_grad=True)
+    idx = td.Tensor(np.array([2, 0, 2]), backend=backend.name)     # an int input, not checked
+    assert td.gradcheck(lambda t, i: t[i] * t[i], [x, idx])
