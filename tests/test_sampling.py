@@ -14,7 +14,7 @@ from scipy import stats
 from scipy.special import gammaln
 
 import tinydiff as td
-from tinydiff.sampling import (bits_per_dim, dequantize, euler_maruyama, log_likelihood,
+from tinydiff.sampling import (_divergence, bits_per_dim, dequantize, euler_maruyama, log_likelihood,
                                model_score_fn, ode_likelihood, ode_sampler, predictor_corrector)
 from tinydiff.sde import VESDE, gaussian_score
 from tinydiff.testing import strict_cupy
@@ -29,7 +29,7 @@ def _exact_marginal_at_T(backend, rng, shape):
     return MU + rng.normal(shape, std=math.sqrt(V + SDE.prior_std ** 2))
 
 
-def _reverse_moments(num_steps=500, eps=1e-3, corrector_snr=None, d=D):
+def _reverse_moments(num_steps=500, eps=1e-3, corrector_snr=None, n_corrector=1, d=D):
     """Mean m and variance P of one coordinate of x - mu along the sampler, started from the exact
     marginal (m = 0, P = v + std(T)^2). Predictor (eq. 2) with V = v + std(t)^2:
         mean = mu + a (x - mu), a = 1 - g^2 dt / V;   P_mean = a^2 P,   P <- P_mean + g^2 dt.
@@ -44,7 +44,7 @@ def _reverse_moments(num_steps=500, eps=1e-3, corrector_snr=None, d=D):
     p = V + SDE.prior_std ** 2
     for t in time_steps:
         var_t = V + SDE.marginal_std(float(t)) ** 2
-        if corrector_snr is not None:
+        for _ in range(n_corrector if corrector_snr is not None else 0):
             e = 2 * (corrector_snr * math.sqrt(d) * var_t / (math.sqrt(p) * kappa)) ** 2
             p = (1 - e / var_t) ** 2 * p + 2 * e
         g2 = SDE.diffusion_coeff(float(t)) ** 2
@@ -82,6 +82,29 @@ def test_predictor_corrector_samples_gaussian_data(backend):
     assert backend.owns(x) and x.shape == (N, D)
     # unadjusted Langevin with snr 0.16 inflates the variance slightly: +1.5 % after 500 steps
     _check_moments(backend.to_host(x), _reverse_moments(corrector_snr=0.16), bias_bound=0.02)
+
+
+def test_predictor_corrector_step_size_at_high_snr(backend):
+    # a large snr makes the corrector's own (computed) variance inflation large, +9.5 % here, so a
+    # wrong Langevin step size (e.g. 3 instead of 2 in its formula: +17.6 %) is many errors off
+    rng = backend.default_rng(4)
+    x_init = _exact_marginal_at_T(backend, rng, (N, D))
+    x = predictor_corrector(gaussian_score(MU, V, SDE), SDE, (N, D), num_steps=100, snr=0.4,
+                            n_corrector=2, rng=rng, x_init=x_init)
+    _check_moments(backend.to_host(x), _reverse_moments(100, corrector_snr=0.4, n_corrector=2),
+                   bias_bound=0.1)
+
+
+def test_euler_maruyama_returns_the_noise_free_mean(backend):
+    # with a zero score and x(T) = 0, two steps (t = 1, then t = eps = 0.9) give
+    # mean_2 = x_1 = g(1) sqrt(dt) r: variance g(1)^2 dt = 62.5, without the last step's noise
+    # (which would add g(0.9)^2 dt = 32.8)
+    n, dt = 20000, 0.1
+    x = euler_maruyama(lambda x, t: 0 * x, SDE, (n,), num_steps=2, eps=0.9, rng=backend.default_rng(5),
+                       x_init=backend.asarray(np.zeros(n, dtype=np.float32)))
+    expect = SDE.diffusion_coeff(1.0) ** 2 * dt
+    var = float(backend.to_host(x).astype(np.float64).var())
+    assert abs(var - expect) < 5 * expect * math.sqrt(2 / n), (var, expect)
 
 
 def test_ode_sampler_is_the_exact_flow_map_for_gaussian_data(backend):
@@ -244,6 +267,33 @@ def test_hutchinson_likelihood_is_unbiased_with_the_predicted_spread(backend, es
     se_var = math.sqrt(((centred ** 4).mean() - err.var() ** 2) / n)
     assert abs(err.var() - var) < 5 * se_var, (err.var(), var, se_var)
     assert 5 * se_var < 0.4 * var            # so a wrong estimator (e.g. the other one) would fail
+
+
+def test_divergence_of_a_nonlinear_score_matches_finite_differences(backend):
+    # s(x) = tanh(x W1) W2: the exact trace from D VJPs equals the central-difference trace of the
+    # Jacobian, and the mean of many probe estimates e^T J e converges to it (5 standard errors
+    # of the probe sample)
+    r = np.random.default_rng(0)
+    n, d, k = 3, 4, 1000
+    w1, w2 = r.normal(size=(d, 6)), r.normal(size=(6, d))
+    x_host = r.normal(size=(n, d))
+    score = lambda x: (x @ backend.asarray(w1)).tanh() @ backend.asarray(w2)  # noqa: E731
+    xt = td.Tensor(backend.asarray(x_host), requires_grad=True)
+    exact = backend.to_host(_divergence(score(xt), xt, [], "exact"))
+    h, fd = 1e-6, np.zeros(n)
+    f = lambda a: np.tanh(a @ w1) @ w2  # noqa: E731
+    for i in range(d):
+        e = np.zeros(d)
+        e[i] = h
+        fd += (f(x_host + e) - f(x_host - e))[:, i] / (2 * h)
+    np.testing.assert_allclose(exact, fd, rtol=1e-6, atol=1e-8)
+    rng = backend.default_rng(1)
+    for kind in ("rademacher", "gaussian"):
+        probes = [rng.normal((n, d), dtype=np.float64) if kind == "gaussian" else
+                  (rng.integers(0, 2, (n, d)) * 2 - 1).astype(np.float64) for _ in range(k)]
+        est = np.stack([backend.to_host(_divergence(score(xt), xt, [p], kind)) for p in probes])
+        se = est.std(axis=0, ddof=1) / math.sqrt(k)
+        assert (np.abs(est.mean(axis=0) - exact) < 5 * se).all(), (kind, est.mean(axis=0), exact, se)
 
 
 def test_likelihood_needs_autograd(backend):
