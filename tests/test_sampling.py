@@ -172,6 +172,18 @@ def test_model_score_fn_runs_the_model_without_a_graph(backend):
     assert seen["y"] is labels
 
 
+def test_progress_bars_do_not_change_the_samples(backend):
+    score = gaussian_score(MU, V, SDE)
+    for sampler in (euler_maruyama, predictor_corrector):
+        a = sampler(score, SDE, (3, 2), num_steps=4, rng=backend.default_rng(0), progress=True)
+        b = sampler(score, SDE, (3, 2), num_steps=4, rng=backend.default_rng(0))
+        np.testing.assert_array_equal(backend.to_host(a), backend.to_host(b))
+    a, nfe_a = ode_sampler(score, SDE, (3, 2), rng=backend.default_rng(0), progress=True)
+    b, nfe_b = ode_sampler(score, SDE, (3, 2), rng=backend.default_rng(0))
+    np.testing.assert_array_equal(backend.to_host(a), backend.to_host(b))
+    assert nfe_a == nfe_b
+
+
 def test_sampler_argument_errors(backend):
     score = gaussian_score(MU, V, SDE)
     with pytest.raises(ValueError, match="num_steps"):
@@ -303,6 +315,8 @@ def test_likelihood_needs_autograd(backend):
             log_likelihood(gaussian_score(MU, V, SDE), x, SDE)
     with pytest.raises(ValueError, match="estimator"):
         log_likelihood(gaussian_score(MU, V, SDE), x, SDE, estimator="hutch")
+    with pytest.raises(TypeError, match="Generator"):
+        log_likelihood(gaussian_score(MU, V, SDE), x, SDE, np.random.default_rng(0))
 
 
 def test_dequantize_fills_each_pixel_cell(backend):

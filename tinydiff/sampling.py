@@ -281,8 +281,11 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
     shape, n = tuple(x.shape), x.shape[0]
     if rng is None:
         rng = be.default_rng()
+    if not isinstance(rng, Generator):
+        raise TypeError(f"rng must be a tinydiff Generator, got {type(rng).__name__}")
     if rng.backend is not be:
-        raise ValueError(f"rng lives on backend {rng.backend.name!r} but x on {be.name!r}")
+        raise ValueError(f"rng lives on backend {rng.backend.name!r} but x on {be.name!r}; use "
+                         f"get_backend({be.name!r}).default_rng(seed)")
     probes = []
     if estimator != "exact":
         for _ in range(n_probes):
