@@ -8,3 +8,6 @@ from .ops import (abs, broadcast_to, clip, concat, exp, log, log_softmax, logsum
 from .tensor import Function, ShapeError, Tensor, grad, is_grad_enabled, no_grad, unbroadcast
 
 __version__ = "0.1.0"
+
+# The layers built on the engine, importable as td.nn, td.optim, td.models, td.sde, td.sampling.
+from . import nn, optim, models, sde, sampling  # noqa: E402
