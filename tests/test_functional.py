@@ -405,3 +405,34 @@ def test_bad_input_messages_phase2():
         F.dropout(x, 1.5)
     with pytest.raises(td.ShapeError, match=r"group_norm_silu: shift must have shape \(N, C\) = \(2, 3\)"):
         F.group_norm_silu(x, 3, shift=np.zeros((2, 4), np.float32))
+
+
+def test_threaded_chunks_give_the_same_results(monkeypatch):
+    """The NumPy fast path splits large ops into batch chunks on a thread pool; forcing that path
+    on small inputs must give bit-identical values and gradients to the inline path."""
+    from tinydiff.nn import _parallel
+    rng = np.random.default_rng(0)
+    x, w, wt = rng.standard_normal((5, 4, 9, 8)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((4, 3, 3, 3))
+    shift, gam, bet = rng.standard_normal((5, 6)), rng.standard_normal(6), rng.standard_normal(6)
+
+    def run():
+        ts = [td.Tensor(a.copy(), requires_grad=True) for a in (x, w, wt, shift, gam, bet)]
+        h = F.conv2d(ts[0], ts[1], stride=2, padding=1)
+        h = F.group_norm_silu(h, 3, ts[4], ts[5], shift=ts[3])
+        out = F.conv_transpose2d(h, ts[1], stride=2, padding=1, output_padding=1)
+        out = F.conv_transpose2d(out[:, :4], ts[2], stride=1)
+        out.backward(np.cos(np.arange(out.size)).reshape(out.shape))
+        return [out.numpy()] + [t.grad for t in ts]
+
+    monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 10**12)
+    inline = run()
+    monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_parallel, "CHUNK_BYTES", 1)             # one sample per chunk
+    before = _parallel.get_num_threads()
+    _parallel.set_num_threads(3)
+    try:
+        chunked = run()
+    finally:
+        _parallel.set_num_threads(before)
+    for a, b in zip(inline, chunked):
+        np.testing.assert_array_equal(a, b)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ..backend import backend_of
 from ..tensor import Function
+from ._parallel import for_batch_chunks
 
 
 def _im2col(a, kernel, out_hw, stride, dilation, groups):
@@ -36,23 +37,33 @@ def _im2col(a, kernel, out_hw, stride, dilation, groups):
     windows = xp.lib.stride_tricks.as_strided(
         a, shape=(groups, N, OH, OW, KH, KW, Cg),
         strides=(sC * Cg, sN, sH * sh, sW * sw, sH * dh, sW * dw, sC))
-    return xp.ascontiguousarray(windows).reshape(groups, N * OH * OW, KH * KW * Cg)
+    cols = xp.empty((groups, N, OH, OW, KH, KW, Cg), dtype=a.dtype)
+
+    def copy(lo, hi):
+        cols[:, lo:hi] = windows[:, lo:hi]
+    for_batch_chunks(copy, cols[0], N)
+    return cols.reshape(groups, N * OH * OW, KH * KW * Cg)
 
 
 def _col2im(cols, n, in_hw, kernel, buf_hw, stride, dilation):
-    """The adjoint of ``_im2col``: scatter-add cols (G, N*IH*IW, KH*KW*C_g) into a new zeroed
+    """The adjoint of ``_im2col``: scatter-add cols (G, N*IH*IW, KH*KW*C_g) into a new
     (N, BH, BW, G*C_g) buffer; row (n, i, j), column (ki, kj, c) lands at (i*sh + ki*dh, j*sw + kj*dw)."""
     xp = backend_of(cols).xp
     G, _, KC = cols.shape
     (IH, IW), (KH, KW), (BH, BW), (sh, sw), (dh, dw) = in_hw, kernel, buf_hw, stride, dilation
     Cg = KC // (KH * KW)
-    out = xp.zeros((n, BH, BW, G, Cg), dtype=cols.dtype)
+    out = xp.empty((n, BH, BW, G, Cg), dtype=cols.dtype)
     # (G, N, IH, IW, KH, KW, Cg) -> (N, IH, IW, KH, KW, G, Cg), a view
     c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)
-    for ki in range(KH):
-        rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
-        for kj in range(KW):
-            out[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[:, :, :, ki, kj]
+
+    def scatter(lo, hi):
+        o = out[lo:hi]
+        o.fill(0)
+        for ki in range(KH):
+            rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
+            for kj in range(KW):
+                o[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[lo:hi, :, :, ki, kj]
+    for_batch_chunks(scatter, out, n)
     return out.reshape(n, BH, BW, G * Cg)
 
 

@@ -13,131 +13,166 @@ from __future__ import annotations
 
 from ..backend import backend_of
 from ..tensor import Function
+from ._parallel import for_batch_chunks
 
 
-def _group_sum(per_channel, groups):
-    """(N, C) -> (N, G): sum the channels of each group."""
-    N, C = per_channel.shape
-    return per_channel.reshape(N, groups, C // groups).sum(axis=2)
+def _rows(a):
+    """(N, C, *spatial) -> an (N, S, C) array (S = prod(spatial)): a view when ``a`` is stored
+    channels-last or plain C-contiguous (then with strides), a copy otherwise."""
+    N, C = a.shape[:2]
+    m = backend_of(a).xp.moveaxis(a, 1, -1)
+    if m.flags.c_contiguous:
+        return m.reshape(N, -1, C)
+    return a.reshape(N, C, -1).transpose(0, 2, 1)
 
 
-def _to_channels(per_group, channels, ndim):
-    """(N, G) -> (N, C, 1, ...) broadcastable against an (N, C, *spatial) array."""
-    N, G = per_group.shape
-    xp = backend_of(per_group).xp
-    c = xp.broadcast_to(per_group[:, :, None], (N, G, channels // G)).reshape(N, channels)
-    return c.reshape((N, channels) + (1,) * (ndim - 2))
+def _new_rows(like):
+    """A new channels-last array shaped like ``like``: (the (N, C, *spatial) view, its (N, S, C) rows)."""
+    xp = backend_of(like).xp
+    N, C = like.shape[:2]
+    rows = xp.empty((N, like.size // (N * C), C), dtype=like.dtype)
+    return xp.moveaxis(rows.reshape((N,) + like.shape[2:] + (C,)), -1, 1), rows
 
 
-class GroupNormFn(Function):
-    """GroupNorm over (C/G, *spatial) per sample and group; optional affine (weight, bias)."""
-
-    def forward(self, x, weight=None, bias=None, *, num_groups, eps):
-        N, C = x.shape[:2]
-        G = num_groups
-        axes = tuple(range(2, x.ndim))
-        m = (C // G) * (x.size // (N * C))
-        mean_c = _to_channels(_group_sum(x.sum(axis=axes), G) * (1.0 / m), C, x.ndim)
-        xhat = x - mean_c                               # two-pass variance: no cancellation
-        var = _group_sum((xhat * xhat).sum(axis=axes), G) * (1.0 / m)
-        rstd = 1.0 / backend_of(x).xp.sqrt(var + eps)   # (N, G)
-        rstd_c = _to_channels(rstd, C, x.ndim)
-        xhat *= rstd_c
-        self.xhat, self.rstd_c, self.groups, self.m = xhat, rstd_c, G, m
-        shape = (1, C) + (1,) * (x.ndim - 2)
-        self.weight = None if weight is None else weight.reshape(shape)
-        y = xhat if weight is None else xhat * self.weight
-        if bias is not None:
-            y = y + bias.reshape(shape)
-        return y
-
-    def backward(self, g):
-        xhat, G, m = self.xhat, self.groups, self.m
-        C, ndim = xhat.shape[1], xhat.ndim
-        axes = tuple(range(2, ndim))
-        dxhat = g if self.weight is None else g * self.weight
-        mean_d = _to_channels(_group_sum(dxhat.sum(axis=axes), G) * (1.0 / m), C, ndim)
-        mean_dx = _to_channels(_group_sum((dxhat * xhat).sum(axis=axes), G) * (1.0 / m), C, ndim)
-        gx = self.rstd_c * (dxhat - mean_d - xhat * mean_dx)
-        grads = [gx]
-        if len(self.needs_grad) > 1:
-            grads.append((g * xhat).sum(axis=(0,) + axes) if self.needs_grad[1] else None)
-        if len(self.needs_grad) > 2:
-            grads.append(g.sum(axis=(0,) + axes) if self.needs_grad[2] else None)
-        return tuple(grads)
+def _per_group(a, groups):
+    """(N, C) -> (N, G, C/G)."""
+    N, C = a.shape
+    return a.reshape(N, groups, C // groups)
 
 
-class GroupNormSiluFn(Function):
-    """silu(group_norm(x + shift[:, :, None, None])), one op: the "embedding add, GroupNorm, swish"
-    block of the score network. Inputs: x (N, C, *spatial), then optionally shift (N, C), then
-    weight and bias (C,) together or not at all.
+class GroupNormActFn(Function):
+    """[silu](group_norm(x + shift[:, :, None, None])) in one op; shift (N, C) optional, weight and
+    bias (C,) together or not at all. GroupNorm alone is the same op with ``silu=False``.
 
-    silu(y) = u + u tanh(u) with u = y / 2, so with t = tanh(u) the derivative is
-    silu'(y) = (1 + t) / 2 + u (1 - t^2) / 2, and u = xhat (gamma / 2) + beta / 2 comes straight out
-    of the normalisation (no separate y is formed).
+    Statistics come from per-(sample, channel) moments S1 = sum_s x, S2 = sum_s x^2 (two GEMM
+    reductions), combined in float64 on the small (N, C) arrays; the shift enters analytically:
+
+        mu_g  = mean_{c in g} (S1_c / S + shift_c)
+        var_g = (1/m) sum_{c in g} [(S2_c - S1_c^2 / S) + S (S1_c / S + shift_c - mu_g)^2]
+
+    (only the within-channel variance S2 - S1^2/S is a difference of large numbers, as in PyTorch's
+    channels-last kernel). Then y = x A_c + B_c with A_c = rstd_g gamma_c, B_c = (shift_c - mu_g)
+    A_c + beta_c: two passes over the data, no centred copy.
+
+    silu(y) = u + u tanh(u) with u = y / 2 (no overflow), so with t = tanh(u):
+    2 silu'(y) = 1 + t + u (1 - t^2).
+
+    Backward, with D = dL/dy, a_c = sum_s D, b_c = sum_s D x (two more GEMM reductions):
+        dx = D P_c + x Q_g + R_c,   P = rstd gamma,   Q = -rstd^2 M2,   R = -rstd M1 - rstd^2 M2 (shift - mu)
+    where M1 = mean_g(gamma a) / S and M2 = mean_g(gamma rstd (b + (shift - mu) a)) / S are the group
+    means of dxhat and dxhat * xhat; dshift = sum_s dx = P a + Q S1 + R S needs no pass at all.
     """
 
-    def forward(self, x, *rest, num_groups, eps, has_shift):
+    def forward(self, x, *rest, num_groups, eps, has_shift, silu):
         xp = backend_of(x).xp
         N, C = x.shape[:2]
-        G, nd = num_groups, x.ndim
-        axes = tuple(range(2, nd))
-        bshape = (N, C) + (1,) * (nd - 2)
+        G, dt, f64 = num_groups, x.dtype, xp.float64
         shift, affine = (rest[0], rest[1:]) if has_shift else (None, rest)
-        m = (C // G) * (x.size // (N * C))
-        h = x + shift.reshape(bshape) if shift is not None else x
-        mean_c = _to_channels(_group_sum(h.sum(axis=axes), G) * (1.0 / m), C, nd)
-        xhat = h - mean_c                                   # a new buffer: normalise it in place
-        sq = xhat * xhat
-        var = _group_sum(sq.sum(axis=axes), G) * (1.0 / m)
-        rstd = 1.0 / xp.sqrt(var + eps)                     # (N, G)
-        xhat *= _to_channels(rstd, C, nd)
-        half_w = (affine[0] * 0.5).reshape((1, C) + (1,) * (nd - 2)) if affine else 0.5
-        u = xp.multiply(xhat, half_w, out=sq)               # reuse the squares' buffer
-        if affine:
-            u += (affine[1] * 0.5).reshape(half_w.shape)
-        t = xp.tanh(u)
-        y = t * u
-        y += u
-        self.xhat, self.u, self.t, self.rstd, self.groups, self.m = xhat, u, t, rstd, G, m
-        self.half_w, self.has_shift, self.has_affine = half_w, has_shift, bool(affine)
-        return y
+        v = _rows(x)                                           # (N, S, C)
+        S = v.shape[1]
+        ones = xp.ones((1, 1, S), dtype=dt)
+        s1, s2 = xp.empty((N, C), dtype=dt), xp.empty((N, C), dtype=dt)
+        sq = xp.empty(v.shape, dtype=dt)                       # x^2, later reused for u
+
+        def moments(lo, hi):
+            vs = v[lo:hi]
+            xp.multiply(vs, vs, out=sq[lo:hi])
+            s1[lo:hi] = xp.matmul(ones, vs)[:, 0]
+            s2[lo:hi] = xp.matmul(ones, sq[lo:hi])[:, 0]
+        for_batch_chunks(moments, v)
+
+        s1, s2 = s1.astype(f64), s2.astype(f64)
+        mean_c = s1 * (1.0 / S)
+        centre = mean_c if shift is None else mean_c + shift.astype(f64)     # channel means of x+shift
+        mu = _per_group(centre, G).mean(axis=2, keepdims=True)              # (N, G, 1)
+        within = xp.maximum(s2 - s1 * mean_c, 0.0)                         # S * channel variance
+        dev = _per_group(centre, G) - mu
+        var = (_per_group(within, G) + S * dev * dev).sum(axis=2, keepdims=True) * (1.0 / (S * C // G))
+        rstd = 1.0 / xp.sqrt(var + eps)                                     # (N, G, 1)
+        gamma = (affine[0].astype(f64) if affine else xp.ones((C,), dtype=f64)).reshape(1, G, C // G)
+        beta = affine[1].astype(f64).reshape(1, G, C // G) if affine else 0.0
+        shift_minus_mu = (0.0 if shift is None else _per_group(shift.astype(f64), G)) - mu
+        a = rstd * gamma                                                    # y = x a + b
+        b = shift_minus_mu * a + beta                                       # (N, G, C/G)
+        self.saved = (x, rstd, shift_minus_mu, s1, gamma, G, S, has_shift, bool(affine), silu)
+        out_full, out = _new_rows(x)
+        scale = 0.5 if silu else 1.0                                        # silu works on u = y/2
+        a = (a * scale).reshape(N, 1, C).astype(dt)
+        b = (b * scale).reshape(N, 1, C).astype(dt)
+        u, t = sq, (xp.empty(v.shape, dtype=dt) if silu else None)
+
+        def normalise(lo, hi):
+            us = xp.multiply(v[lo:hi], a[lo:hi], out=u[lo:hi] if silu else out[lo:hi])
+            us += b[lo:hi]
+            if silu:
+                ts = xp.tanh(us, out=t[lo:hi])
+                o = xp.multiply(ts, us, out=out[lo:hi])
+                o += us
+        for_batch_chunks(normalise, v)
+        if silu:
+            self.u, self.t = u, t
+        return out_full
 
     def backward(self, g):
         xp = backend_of(g).xp
-        xhat, u, t, G, m = self.xhat, self.u, self.t, self.groups, self.m
-        N, C, nd = xhat.shape[0], xhat.shape[1], xhat.ndim
-        axes = tuple(range(2, nd))
-        # d2y = 2 dL/dy = g (1 + t + u (1 - t^2)); the factor 1/2 is folded into half_w below
-        d2y = t * t
-        xp.subtract(1, d2y, out=d2y)
-        d2y *= u
-        d2y += t
-        d2y += 1
-        d2y *= g
-        prod = d2y * xhat
-        sum_dy = d2y.sum(axis=axes) * 0.5                   # (N, C): per-channel sums of dL/dy
-        sum_dy_xhat = prod.sum(axis=axes) * 0.5
-        w = self.half_w.reshape(1, C) * 2 if self.has_affine else 1.0
-        # dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy * w, means per group
-        mean_d = _group_sum(sum_dy * w, G) * (1.0 / m)              # (N, G)
-        mean_dx = _group_sum(sum_dy_xhat * w, G) * (1.0 / m)
-        rstd = self.rstd
-        shape = (N, C) + (1,) * (nd - 2)
-        coef_dy = (_to_channels(rstd, C, 2) * self.half_w.reshape(1, C) if self.has_affine else
-                   _to_channels(rstd * 0.5, C, 2)).reshape(shape)
-        gx = d2y
-        gx *= coef_dy
-        xp.multiply(xhat, _to_channels(-rstd * mean_dx, C, nd), out=prod)
-        gx += prod
-        gx += _to_channels(-rstd * mean_d, C, nd)
-        grads = [gx]
-        if self.has_shift:
-            grads.append(gx.sum(axis=axes) if self.needs_grad[1] else None)
-        if self.has_affine:
-            k = 2 if self.has_shift else 1
-            grads.append(sum_dy_xhat.sum(axis=0) if self.needs_grad[k] else None)
-            grads.append(sum_dy.sum(axis=0) if self.needs_grad[k + 1] else None)
+        x, rstd, shift_minus_mu, s1, gamma, G, S, has_shift, has_affine, silu = self.saved
+        N, C = x.shape[:2]
+        dt, f64 = x.dtype, xp.float64
+        v, gv = _rows(x), _rows(g)
+        ones = xp.ones((1, 1, S), dtype=dt)
+        d = xp.empty(v.shape, dtype=dt)         # 2 dL/dy (silu) or dL/dy, then dx in place
+        prod = xp.empty(v.shape, dtype=dt)
+        sum_d, sum_dx = xp.empty((N, C), dtype=dt), xp.empty((N, C), dtype=dt)
+        t, u = (self.t, self.u) if silu else (None, None)
+
+        def gather(lo, hi):
+            ds = d[lo:hi]
+            if silu:   # 2 silu'(y) = 1 + t + u (1 - t^2)
+                ts = t[lo:hi]
+                xp.multiply(ts, ts, out=ds)
+                xp.subtract(1, ds, out=ds)
+                ds *= u[lo:hi]
+                ds += ts
+                ds += 1
+                ds *= gv[lo:hi]
+            else:
+                ds[...] = gv[lo:hi]
+            ps = xp.multiply(ds, v[lo:hi], out=prod[lo:hi])
+            sum_d[lo:hi] = xp.matmul(ones, ds)[:, 0]
+            sum_dx[lo:hi] = xp.matmul(ones, ps)[:, 0]
+        for_batch_chunks(gather, v)
+
+        half = 0.5 if silu else 1.0
+        a_c = _per_group(sum_d.astype(f64) * half, G)                      # sum_s dL/dy
+        b_c = _per_group(sum_dx.astype(f64) * half, G)                     # sum_s dL/dy x
+        xhat_term = b_c + shift_minus_mu * a_c                              # sum_s dL/dy (x + shift - mu)
+        m = S * (C // G)
+        m1 = (gamma * a_c).sum(axis=2, keepdims=True) * (1.0 / m)
+        m2 = (gamma * rstd * xhat_term).sum(axis=2, keepdims=True) * (1.0 / m)
+        p = rstd * gamma                                                    # (N, G, C/G)
+        q = xp.broadcast_to(-rstd * rstd * m2, p.shape)
+        r = xp.broadcast_to(-rstd * m1 + q * shift_minus_mu, p.shape)
+        pd = (p * half).reshape(N, 1, C).astype(dt)
+        qd, rd = q.reshape(N, 1, C).astype(dt), r.reshape(N, 1, C).astype(dt)
+
+        def scatter(lo, hi):   # dx = dL/dy P + x Q + R
+            gx = d[lo:hi]
+            gx *= pd[lo:hi]
+            ps = xp.multiply(v[lo:hi], qd[lo:hi], out=prod[lo:hi])
+            gx += ps
+            gx += rd[lo:hi]
+        for_batch_chunks(scatter, v)
+
+        spatial = x.shape[2:]
+        grads = [xp.moveaxis(d.reshape((N,) + spatial + (C,)), -1, 1)]
+        if has_shift:
+            gshift = (p * a_c + q * _per_group(s1, G) + r * S).reshape(N, C)
+            grads.append(gshift.astype(dt) if self.needs_grad[1] else None)
+        if has_affine:
+            k = 2 if has_shift else 1
+            grads.append((rstd * xhat_term).reshape(N, C).sum(axis=0).astype(dt)
+                         if self.needs_grad[k] else None)
+            grads.append(a_c.reshape(N, C).sum(axis=0).astype(dt) if self.needs_grad[k + 1] else None)
         return tuple(grads)
 
 

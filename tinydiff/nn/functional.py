@@ -25,7 +25,7 @@ from ._conv import Conv2dFn, ConvTranspose2dFn
 from ._attention import ScaledDotProductAttentionFn
 from ._misc import (AvgPool2dFn, DropoutFn, EmbeddingFn, GeluFn, UpsampleNearestFn, default_rng,
                     dropout_mask, nearest_index)
-from ._norm import GroupNormFn, GroupNormSiluFn, LayerNormFn
+from ._norm import GroupNormActFn, LayerNormFn
 
 __all__ = ["linear", "conv2d", "conv_transpose2d", "group_norm", "group_norm_silu", "layer_norm", "silu",
            "gelu", "dropout", "avg_pool2d", "interpolate", "upsample", "embedding",
@@ -204,8 +204,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
         raise ShapeError(f"{op}: num_groups={num_groups} must be a positive divisor of the "
                          f"{C} channels of the input {x.shape}")
     _check_float(x, op)
-    return GroupNormFn.apply(x, *_affine(x, weight, bias, C, op), num_groups=int(num_groups),
-                             eps=float(eps))
+    return GroupNormActFn.apply(x, *_affine(x, weight, bias, C, op), num_groups=int(num_groups),
+                                eps=float(eps), has_shift=False, silu=False)
 
 
 # -- activations -------------------------------------------------------------------------------
@@ -265,8 +265,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, shift=None)
                              f"got {shift.shape}")
         args.append(shift)
     args += _affine(x, weight, bias, C, op)
-    return GroupNormSiluFn.apply(*args, num_groups=int(num_groups), eps=float(eps),
-                                 has_shift=shift is not None)
+    return GroupNormActFn.apply(*args, num_groups=int(num_groups), eps=float(eps),
+                                has_shift=shift is not None, silu=True)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

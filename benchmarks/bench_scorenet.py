@@ -1,0 +1,411 @@
+"""Speed of the reference ScoreNet (DESIGN.md section 2): tinydiff against PyTorch, same process.
+
+Times, on 1x28x28 float32 inputs:
+- one full training step (forward, the eq. 5 DSM loss, backward, Adam step) at batch 64 and 128;
+- one sampling step (a forward pass under no_grad) at batch 64;
+- each conv, each transposed conv, the fused "embedding add + GroupNorm + swish" block and swish
+  alone (forward + backward, with the shapes they have inside the model at batch 64);
+- the peak memory of a training step (tracemalloc: it sees every NumPy allocation).
+
+PyTorch (if importable) runs the same model, written below with the same parameter names and
+loaded with tinydiff's weights, on the same threads. The two are timed interleaved (tinydiff,
+torch, tinydiff, torch, ...) so that load from other processes hits both alike; each ratio is the
+median over repeats of tinydiff time / PyTorch time of one adjacent pair.
+
+    python3 benchmarks/bench_scorenet.py                 # the full table
+    python3 benchmarks/bench_scorenet.py --repeats 5 --quick
+    python3 benchmarks/bench_scorenet.py --backend cupy  # on a GPU (torch on CUDA if available)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import tracemalloc
+
+
+def _threads_from_argv(argv):
+    """--threads N must take effect before NumPy (OpenBLAS) starts its thread pool."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return None
+
+
+if _threads_from_argv(sys.argv):
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = _threads_from_argv(sys.argv)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tinydiff as td  # noqa: E402
+import tinydiff.nn.functional as F  # noqa: E402
+from tinydiff import nn  # noqa: E402
+from tinydiff.models import ScoreNet  # noqa: E402
+from tinydiff.optim import Adam  # noqa: E402
+from tinydiff.sde import VESDE, dsm_loss  # noqa: E402
+
+SIGMA = 25.0
+
+try:
+    import torch
+except ImportError:  # the benchmark still times tinydiff alone
+    torch = None
+
+
+# -- the same model in PyTorch (only for comparison; tinydiff never imports torch) ----------------
+
+def torch_scorenet(device):
+    tnn, tf = torch.nn, torch.nn.functional
+
+    class GFP(tnn.Module):
+        def __init__(self, d, scale=30.0):
+            super().__init__()
+            self.W = tnn.Parameter(torch.randn(d // 2) * scale, requires_grad=False)
+
+        def forward(self, t):
+            p = t[:, None] * self.W[None, :] * (2 * math.pi)
+            return torch.cat([torch.sin(p), torch.cos(p)], dim=-1)
+
+    class Dense(tnn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.dense = tnn.Linear(i, o)
+
+        def forward(self, x):
+            return self.dense(x)[..., None, None]
+
+    class Net(tnn.Module):
+        def __init__(self, ch=(32, 64, 128, 256), ed=256):
+            super().__init__()
+            self.embed = tnn.Sequential(GFP(ed), tnn.Linear(ed, ed))
+            self.conv1 = tnn.Conv2d(1, ch[0], 3, stride=1, bias=False)
+            self.dense1, self.gnorm1 = Dense(ed, ch[0]), tnn.GroupNorm(4, ch[0])
+            self.conv2 = tnn.Conv2d(ch[0], ch[1], 3, stride=2, bias=False)
+            self.dense2, self.gnorm2 = Dense(ed, ch[1]), tnn.GroupNorm(32, ch[1])
+            self.conv3 = tnn.Conv2d(ch[1], ch[2], 3, stride=2, bias=False)
+            self.dense3, self.gnorm3 = Dense(ed, ch[2]), tnn.GroupNorm(32, ch[2])
+            self.conv4 = tnn.Conv2d(ch[2], ch[3], 3, stride=2, bias=False)
+            self.dense4, self.gnorm4 = Dense(ed, ch[3]), tnn.GroupNorm(32, ch[3])
+            self.tconv4 = tnn.ConvTranspose2d(ch[3], ch[2], 3, stride=2, bias=False)
+            self.dense5, self.tgnorm4 = Dense(ed, ch[2]), tnn.GroupNorm(32, ch[2])
+            self.tconv3 = tnn.ConvTranspose2d(ch[2] * 2, ch[1], 3, stride=2, bias=False, output_padding=1)
+            self.dense6, self.tgnorm3 = Dense(ed, ch[1]), tnn.GroupNorm(32, ch[1])
+            self.tconv2 = tnn.ConvTranspose2d(ch[1] * 2, ch[0], 3, stride=2, bias=False, output_padding=1)
+            self.dense7, self.tgnorm2 = Dense(ed, ch[0]), tnn.GroupNorm(32, ch[0])
+            self.tconv1 = tnn.ConvTranspose2d(ch[0] * 2, 1, 3, stride=1)
+
+        def forward(self, x, t):
+            act = tf.silu
+            e = act(self.embed(t))
+            h1 = act(self.gnorm1(self.conv1(x) + self.dense1(e)))
+            h2 = act(self.gnorm2(self.conv2(h1) + self.dense2(e)))
+            h3 = act(self.gnorm3(self.conv3(h2) + self.dense3(e)))
+            h4 = act(self.gnorm4(self.conv4(h3) + self.dense4(e)))
+            h = act(self.tgnorm4(self.tconv4(h4) + self.dense5(e)))
+            h = act(self.tgnorm3(self.tconv3(torch.cat([h, h3], 1)) + self.dense6(e)))
+            h = act(self.tgnorm2(self.tconv2(torch.cat([h, h2], 1)) + self.dense7(e)))
+            h = self.tconv1(torch.cat([h, h1], 1))
+            return h / torch_marginal_std(t)[:, None, None, None]
+
+    return Net().to(device)
+
+
+def torch_marginal_std(t):
+    return torch.sqrt(torch.expm1(t * (2 * math.log(SIGMA))) / (2 * math.log(SIGMA)))
+
+
+def torch_dsm_loss(model, x0, eps=1e-5):
+    """eq. 5: sum over pixels, mean over the batch, t ~ U(eps, 1)."""
+    t = torch.rand(x0.shape[0], device=x0.device) * (1 - eps) + eps
+    z = torch.randn_like(x0)
+    std = torch_marginal_std(t)[:, None, None, None]
+    score = model(x0 + z * std, t)
+    return ((score * std + z) ** 2).sum(dim=(1, 2, 3)).mean()
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+def sync_all(backend, device):
+    backend.synchronize()
+    if torch is not None and device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns, repeats, warmup, sync):
+    """Run the callables in turn, ``repeats`` rounds (order alternating each round), after
+    ``warmup`` untimed rounds. Returns one list of seconds per callable."""
+    times = [[] for _ in fns]
+    for r in range(warmup + repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            sync()
+            t0 = time.perf_counter()
+            fns[i]()
+            sync()
+            if r >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    return times
+
+
+def summarise(name, t_td, t_torch, rows):
+    med_td = statistics.median(t_td)
+    if t_torch:
+        med_torch = statistics.median(t_torch)
+        ratio = statistics.median(a / b for a, b in zip(t_td, t_torch))
+        rows.append((name, med_td * 1e3, med_torch * 1e3, ratio))
+    else:
+        rows.append((name, med_td * 1e3, float("nan"), float("nan")))
+
+
+def print_table(title, rows):
+    print(f"\n{title}")
+    print(f"{'':40s} {'tinydiff ms':>12s} {'PyTorch ms':>11s} {'ratio':>7s}")
+    for name, a, b, r in rows:
+        print(f"{name:40s} {a:12.2f} {b:11.2f} {r:7.2f}")
+
+
+# -- the model steps ---------------------------------------------------------------------------
+
+def build_pair(backend, device):
+    sde = VESDE(SIGMA)
+    nn.manual_seed(0)
+    model = ScoreNet(sde.marginal_std).to(backend)
+    opt = Adam(model.parameters(), lr=1e-4)
+    tmodel = topt = None
+    if torch is not None:
+        torch.manual_seed(0)
+        tmodel = torch_scorenet(device)
+        sd = model.state_dict()
+        tsd = tmodel.state_dict()
+        missing = set(tsd) ^ set(sd)
+        if missing:
+            raise RuntimeError(f"parameter names differ between the two models: {sorted(missing)}")
+        tmodel.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+        topt = torch.optim.Adam(tmodel.parameters(), lr=1e-4)
+    return sde, model, opt, tmodel, topt
+
+
+def check_same_output(backend, device, model, tmodel):
+    """The two models compute the same function (guards the comparison itself)."""
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    t = rng.uniform(0.1, 1.0, 4).astype(np.float32)
+    with td.no_grad():
+        ours = model(td.Tensor(backend.asarray(x)), backend.asarray(t)).numpy()
+    with torch.no_grad():
+        theirs = tmodel(torch.tensor(x, device=device), torch.tensor(t, device=device)).cpu().numpy()
+    err = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
+    if err > 1e-3:
+        raise RuntimeError(f"tinydiff and PyTorch ScoreNets disagree (relative error {err:.2e})")
+    return err
+
+
+def train_steps(backend, device, batch, sde, model, opt, tmodel, topt):
+    host = np.random.default_rng(1).random((batch, 1, 28, 28), dtype=np.float32)
+    x_td = backend.asarray(host)
+    rng = backend.default_rng(0)
+
+    def step_td():
+        opt.zero_grad()
+        loss = dsm_loss(model, x_td, sde, rng)
+        loss.backward()
+        opt.step()
+
+    if torch is None:
+        return step_td, None
+    x_t = torch.tensor(host, device=device)
+
+    def step_torch():
+        topt.zero_grad(set_to_none=True)
+        loss = torch_dsm_loss(tmodel, x_t)
+        loss.backward()
+        topt.step()
+    return step_td, step_torch
+
+
+def sample_steps(backend, device, batch, model, tmodel):
+    rng = np.random.default_rng(2)
+    host = (rng.standard_normal((batch, 1, 28, 28)) * 10).astype(np.float32)
+    t_host = np.full(batch, 0.5, np.float32)
+    x_td, t_td = td.Tensor(backend.asarray(host)), backend.asarray(t_host)
+
+    def step_td():
+        with td.no_grad():
+            model(x_td, t_td)
+
+    if torch is None:
+        return step_td, None
+    x_t, t_t = torch.tensor(host, device=device), torch.tensor(t_host, device=device)
+
+    def step_torch():
+        with torch.no_grad():
+            tmodel(x_t, t_t)
+    return step_td, step_torch
+
+
+def peak_memory_mb(step):
+    """Peak traced allocation (MB) during one call of ``step`` (tinydiff on NumPy only)."""
+    step()                                      # optimizer state etc. already allocated
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return (peak - base) / 2**20
+
+
+# -- per-op timings (forward + backward, the shapes inside the model at batch 64) -----------------
+
+CONVS = [  # name, C_in, C_out, input size, stride, output_padding, transposed, bias, input needs grad
+    ("conv1 1->32 s1 28->26", 1, 32, 28, 1, 0, False, False, False),
+    ("conv2 32->64 s2 26->12", 32, 64, 26, 2, 0, False, False, True),
+    ("conv3 64->128 s2 12->5", 64, 128, 12, 2, 0, False, False, True),
+    ("conv4 128->256 s2 5->2", 128, 256, 5, 2, 0, False, False, True),
+    ("tconv4 256->128 s2 2->5", 256, 128, 2, 2, 0, True, False, True),
+    ("tconv3 256->64 s2 5->12", 256, 64, 5, 2, 1, True, False, True),
+    ("tconv2 128->32 s2 12->26", 128, 32, 12, 2, 1, True, False, True),
+    ("tconv1 64->1 s1 26->28", 64, 1, 26, 1, 0, True, True, True),
+]
+NORMS = [(32, 26, 4), (64, 12, 32), (128, 5, 32), (256, 2, 32), (128, 5, 32), (64, 12, 32), (32, 26, 32)]
+
+
+def channels_last(backend, a):
+    """An NCHW array stored channels-last, as tinydiff's conv outputs are."""
+    return backend.asarray(np.ascontiguousarray(a.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+
+
+def op_pairs(backend, device, batch):
+    rng = np.random.default_rng(3)
+    pairs = []
+    for name, cin, cout, size, stride, op, transposed, bias, xgrad in CONVS:
+        x = rng.standard_normal((batch, cin, size, size), dtype=np.float32)
+        wshape = (cin, cout, 3, 3) if transposed else (cout, cin, 3, 3)
+        w = (rng.standard_normal(wshape, dtype=np.float32) * 0.1)
+        b = rng.standard_normal(cout, dtype=np.float32) if bias else None
+        kw = dict(stride=stride, output_padding=op) if transposed else dict(stride=stride)
+        f_td = F.conv_transpose2d if transposed else F.conv2d
+        xt = td.Tensor(channels_last(backend, x), requires_grad=xgrad)
+        wt = td.Tensor(backend.asarray(w), requires_grad=True)
+        bt = None if b is None else td.Tensor(backend.asarray(b), requires_grad=True)
+        out_shape = f_td(xt, wt, bt, **kw).shape
+        g = channels_last(backend, rng.standard_normal(out_shape, dtype=np.float32))
+
+        def run_td(f_td=f_td, xt=xt, wt=wt, bt=bt, kw=kw, g=g):
+            xt.grad = wt.grad = None
+            f_td(xt, wt, bt, **kw).backward(g)
+        run_torch = None
+        if torch is not None:
+            f_t = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+            xT = torch.tensor(x, device=device, requires_grad=xgrad)
+            wT = torch.tensor(w, device=device, requires_grad=True)
+            bT = None if b is None else torch.tensor(b, device=device, requires_grad=True)
+            gT = torch.tensor(backend.to_host(g), device=device).contiguous()
+
+            def run_torch(f_t=f_t, xT=xT, wT=wT, bT=bT, kw=kw, gT=gT):
+                xT.grad = wT.grad = None
+                f_t(xT, wT, bT, **kw).backward(gT)
+        pairs.append((name, run_td, run_torch))
+    for i, (c, size, groups) in enumerate(NORMS):
+        x = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+        s = rng.standard_normal((batch, c), dtype=np.float32)
+        gam, bet = rng.standard_normal(c, dtype=np.float32), rng.standard_normal(c, dtype=np.float32)
+        g = rng.standard_normal((batch, c, size, size), dtype=np.float32)
+        ts = [td.Tensor(a, requires_grad=True) for a in
+              (channels_last(backend, x), backend.asarray(s), backend.asarray(gam), backend.asarray(bet))]
+        gt = channels_last(backend, g)
+
+        def run_td(ts=ts, groups=groups, gt=gt):
+            for t in ts:
+                t.grad = None
+            F.group_norm_silu(ts[0], groups, ts[2], ts[3], shift=ts[1]).backward(gt)
+        run_torch = None
+        if torch is not None:
+            tT = [torch.tensor(a, device=device, requires_grad=True) for a in (x, s, gam, bet)]
+            gT = torch.tensor(g, device=device)
+
+            def run_torch(tT=tT, groups=groups, gT=gT):
+                for t in tT:
+                    t.grad = None
+                h = tT[0] + tT[1][:, :, None, None]
+                torch.nn.functional.silu(torch.nn.functional.group_norm(h, groups, tT[2], tT[3])).backward(gT)
+        pairs.append((f"add+GroupNorm({groups})+swish {c}x{size}x{size}", run_td, run_torch))
+    x = rng.standard_normal((batch, 32, 26, 26), dtype=np.float32)
+    xs = td.Tensor(channels_last(backend, x), requires_grad=True)
+    gs = channels_last(backend, x)
+
+    def swish_td():
+        xs.grad = None
+        F.silu(xs).backward(gs)
+    swish_torch = None
+    if torch is not None:
+        xT, gT = torch.tensor(x, device=device, requires_grad=True), torch.tensor(x, device=device)
+
+        def swish_torch():
+            xT.grad = None
+            torch.nn.functional.silu(xT).backward(gT)
+    pairs.append(("swish 32x26x26", swish_td, swish_torch))
+    return pairs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backend", default="numpy", help="numpy (default), cupy or strict")
+    ap.add_argument("--repeats", type=int, default=15, help="timed rounds per measurement")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for both NumPy's BLAS and PyTorch (default: all cores)")
+    ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")
+    ap.add_argument("--ops-only", action="store_true", help="only the per-op table")
+    args = ap.parse_args(argv)
+    backend = td.get_backend(args.backend)
+    if torch is not None and args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if (args.backend == "cupy" and torch is not None and torch.cuda.is_available()) else "cpu"
+    sync = lambda: sync_all(backend, device)  # noqa: E731
+
+    print(f"tinydiff {td.__version__} on {backend.name}, NumPy {np.__version__}, "
+          f"{os.cpu_count()} CPUs", end="")
+    if torch is not None:
+        print(f"; PyTorch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
+    else:
+        print("; PyTorch not importable: tinydiff times only")
+    sde, model, opt, tmodel, topt = build_pair(backend, device)
+    if torch is not None:
+        print(f"models agree: max relative difference of the scores {check_same_output(backend, device, model, tmodel):.1e}")
+
+    if not args.ops_only:
+        rows = []
+        for batch in args.batches:
+            fns = [f for f in train_steps(backend, device, batch, sde, model, opt, tmodel, topt) if f]
+            t = interleaved(fns, args.repeats, args.warmup, sync)
+            summarise(f"train step, batch {batch}", t[0], t[1] if len(t) > 1 else None, rows)
+        fns = [f for f in sample_steps(backend, device, 64, model, tmodel) if f]
+        t = interleaved(fns, args.repeats, args.warmup, sync)
+        summarise("sampling step (forward, no_grad), batch 64", t[0], t[1] if len(t) > 1 else None, rows)
+        print_table("Whole model (median ms; ratio = median of paired tinydiff/PyTorch)", rows)
+
+    if not args.quick:
+        rows = []
+        for name, a, b in op_pairs(backend, device, 64):
+            t = interleaved([f for f in (a, b) if f], args.repeats, args.warmup, sync)
+            summarise(name, t[0], t[1] if len(t) > 1 else None, rows)
+        print_table("Per op, forward + backward, batch 64", rows)
+        if backend.name == "numpy" and not args.ops_only:
+            for batch in args.batches:
+                step = train_steps(backend, device, batch, sde, model, opt, tmodel, topt)[0]
+                print(f"peak memory of a tinydiff training step, batch {batch}: "
+                      f"{peak_memory_mb(step):.1f} MB (tracemalloc, above the live arrays before it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Run elementwise work on NumPy arrays in batch chunks, on a small thread pool.
+
+NumPy's ufuncs are single-threaded but release the GIL in their inner loops, so splitting the batch
+axis over threads gives the elementwise parts of an op (normalisation, activation, col2im) the
+same cores that BLAS uses for the GEMMs, as PyTorch's intra-op parallelism does. Chunks are
+independent (each writes its own slice of the outputs), so results do not depend on the number of
+threads. Small arrays and non-NumPy backends (CuPy, the strict stand-in) run inline, unchunked.
+
+The number of threads is ``TINYDIFF_NUM_THREADS`` if set, else the number of CPUs (at most 8);
+``set_num_threads(n)`` changes it (1 disables the pool).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+_state = {"threads": None, "pool": None}
+MIN_ELEMENTS = 150_000       # below this an op runs inline: the pool's overhead (~50 us) would dominate
+CHUNK_BYTES = 512 * 1024     # chunk size per array: keeps an op's working set near the L2 cache
+
+
+def get_num_threads():
+    if _state["threads"] is None:
+        env = os.environ.get("TINYDIFF_NUM_THREADS")
+        _state["threads"] = max(1, int(env)) if env else max(1, min(8, os.cpu_count() or 1))
+    return _state["threads"]
+
+
+def set_num_threads(n):
+    """Use ``n`` threads for tinydiff's chunked elementwise work (1: no pool)."""
+    n = max(1, int(n))
+    if n != _state["threads"] and _state["pool"] is not None:
+        _state["pool"].shutdown(wait=True)
+        _state["pool"] = None
+    _state["threads"] = n
+
+
+def _pool():
+    if _state["pool"] is None:
+        _state["pool"] = ThreadPoolExecutor(max_workers=get_num_threads(),
+                                            thread_name_prefix="tinydiff")
+    return _state["pool"]
+
+
+def for_batch_chunks(fn, like, n=None):
+    """Call ``fn(lo, hi)`` over chunks [lo, hi) of the leading (batch) axis of ``like``.
+
+    Chunks go to the thread pool when ``like`` is a large NumPy array; otherwise one call
+    ``fn(0, n)`` runs here. ``fn`` must only write its own rows of its outputs.
+    """
+    n = like.shape[0] if n is None else n
+    threads = get_num_threads()
+    if type(like) is not np.ndarray or threads == 1 or like.size < MIN_ELEMENTS or n < 2:
+        fn(0, n)
+        return
+    per_row = max(1, like.nbytes // n)
+    rows = max(1, min(-(-n // threads), CHUNK_BYTES // per_row))
+    bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+    # split the chunks into one contiguous run per thread, so each thread walks its part in order
+    k = min(threads, len(bounds))
+    runs = [bounds[i * len(bounds) // k:(i + 1) * len(bounds) // k] for i in range(k)]
+
+    def run(chunks):
+        for lo, hi in chunks:
+            fn(lo, hi)
+    futures = [_pool().submit(run, r) for r in runs[1:]]
+    run(runs[0])                    # this thread takes the first run itself
+    for f in futures:
+        f.result()
