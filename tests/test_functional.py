@@ -408,9 +408,10 @@ def test_bad_input_messages_phase2():
 
 
 def test_threaded_chunks_give_the_same_results(monkeypatch):
-    """The NumPy fast path splits large ops into batch chunks on a thread pool; forcing that path
-    on small inputs must give bit-identical values and gradients to the inline path."""
-    from tinydiff.nn import _parallel
+    """The NumPy fast path splits large ops into batch chunks (GEMM chunks, and elementwise chunks
+    on a thread pool); forcing those paths on small inputs must give bit-identical values and
+    gradients with and without the pool, and agree with the whole-batch computation."""
+    from tinydiff.nn import _conv, _parallel
     rng = np.random.default_rng(0)
     x, w, wt = rng.standard_normal((5, 4, 9, 8)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((4, 3, 3, 3))
     shift, gam, bet = rng.standard_normal((5, 6)), rng.standard_normal(6), rng.standard_normal(6)
@@ -425,7 +426,11 @@ def test_threaded_chunks_give_the_same_results(monkeypatch):
         return [out.numpy()] + [t.grad for t in ts]
 
     monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 10**12)
+    whole = run()
+    monkeypatch.setattr(_conv, "GEMM_CHUNK_BYTES", 1)              # one sample per GEMM chunk
     inline = run()
+    for a, b in zip(whole, inline):                                # summation order differs
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 0)
     monkeypatch.setattr(_parallel, "CHUNK_BYTES", 1)             # one sample per chunk
     before = _parallel.get_num_threads()

@@ -15,56 +15,73 @@ Groups. Channels are split as ``c = g * C_g + c_g``; the patch matrix gets a lea
 conv2d:            out[m, o]   = sum_{k, c} cols[m, (k, c)] Wm[(k, c), o]         (per group)
 conv_transpose2d:  cols[m, (k, o)] = sum_c x[m, c] Wm[c, (k, o)]; out = col2im(cols)
 The transposed convolution is the adjoint of the convolution's input gradient, so the two share
-``_im2col`` and ``_col2im`` with their roles swapped in forward and backward.
+the gather (im2col) and scatter-add (col2im) steps with their roles swapped.
+
+Blocking. On NumPy the batch is processed in chunks of a few samples: gather the chunk's patches
+into a reused buffer of about 2 MB, GEMM, scatter; the patch matrix never exists whole, stays in
+cache between the gather and the GEMM, and the backward pass re-gathers it (cheap) instead of
+keeping it from the forward pass (memory). The weight gradient sums the chunks' GEMMs. CuPy and
+the strict stand-in take the whole batch as one chunk (one large GEMM suits a GPU).
 """
 from __future__ import annotations
+
+import numpy as np
 
 from ..backend import backend_of
 from ..tensor import Function
 from ._parallel import for_batch_chunks
 
+GEMM_CHUNK_BYTES = 2 << 20     # patch-matrix bytes per chunk on NumPy
 
-def _im2col(a, kernel, out_hw, stride, dilation, groups):
-    """Patches of ``a`` (N, H, W, C), any strides, as a C-contiguous (G, N*OH*OW, KH*KW*C_g) array.
 
-    Row m = (n, i, j) holds a[n, i*sh + ki*dh, j*sw + kj*dw, g*C_g + c] at column (ki, kj, c).
-    """
+def _batch_chunks(like, n, row_bytes):
+    """[lo, hi) ranges over the batch: the whole batch off NumPy, else ~GEMM_CHUNK_BYTES each."""
+    if type(like) is not np.ndarray:
+        return [(0, n)]
+    rows = max(1, GEMM_CHUNK_BYTES // max(1, row_bytes))
+    return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+
+
+def _windows(a, kernel, out_hw, stride, dilation, groups):
+    """The patches of ``a`` (N, H, W, C), any strides, as a view (G, N, OH, OW, KH, KW, C_g):
+    [g, n, i, j, ki, kj, c] = a[n, i*sh + ki*dh, j*sw + kj*dw, g*C_g + c]."""
     xp = backend_of(a).xp
     N, _, _, C = a.shape
     (KH, KW), (OH, OW), (sh, sw), (dh, dw) = kernel, out_hw, stride, dilation
     Cg = C // groups
     sN, sH, sW, sC = a.strides
-    windows = xp.lib.stride_tricks.as_strided(
+    return xp.lib.stride_tricks.as_strided(
         a, shape=(groups, N, OH, OW, KH, KW, Cg),
         strides=(sC * Cg, sN, sH * sh, sW * sw, sH * dh, sW * dw, sC))
-    cols = xp.empty((groups, N, OH, OW, KH, KW, Cg), dtype=a.dtype)
-
-    def copy(lo, hi):
-        cols[:, lo:hi] = windows[:, lo:hi]
-    for_batch_chunks(copy, cols[0], N)
-    return cols.reshape(groups, N * OH * OW, KH * KW * Cg)
 
 
-def _col2im(cols, n, in_hw, kernel, buf_hw, stride, dilation):
-    """The adjoint of ``_im2col``: scatter-add cols (G, N*IH*IW, KH*KW*C_g) into a new
-    (N, BH, BW, G*C_g) buffer; row (n, i, j), column (ki, kj, c) lands at (i*sh + ki*dh, j*sw + kj*dw)."""
-    xp = backend_of(cols).xp
-    G, _, KC = cols.shape
-    (IH, IW), (KH, KW), (BH, BW), (sh, sw), (dh, dw) = in_hw, kernel, buf_hw, stride, dilation
-    Cg = KC // (KH * KW)
-    out = xp.empty((n, BH, BW, G, Cg), dtype=cols.dtype)
-    # (G, N, IH, IW, KH, KW, Cg) -> (N, IH, IW, KH, KW, G, Cg), a view
-    c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)
+def _gather(windows, lo, hi, buf):
+    """im2col of samples [lo, hi): copy their patches into ``buf`` and return it as the GEMM
+    operand (G, (hi-lo)*OH*OW, KH*KW*C_g)."""
+    G, _, OH, OW, KH, KW, Cg = windows.shape
+    b = buf[:, :hi - lo]
 
-    def scatter(lo, hi):
+    def copy(l, h):
+        b[:, l:h] = windows[:, lo + l:lo + h]
+    for_batch_chunks(copy, b[0], hi - lo)
+    return b.reshape(G, (hi - lo) * OH * OW, KH * KW * Cg)
+
+
+def _scatter(cols, out, in_hw, kernel, stride, dilation):
+    """col2im, the adjoint of ``_gather``: out (n, BH, BW, G, C_g) = the sum of the rows of cols
+    (G, n*IH*IW, KH*KW*C_g) at their patch positions ((i, j), (ki, kj) -> i*sh + ki*dh, ...)."""
+    n, G, Cg = out.shape[0], out.shape[3], out.shape[4]
+    (IH, IW), (KH, KW), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
+    c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)   # a view
+
+    def add(lo, hi):
         o = out[lo:hi]
         o.fill(0)
         for ki in range(KH):
             rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
             for kj in range(KW):
                 o[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[lo:hi, :, :, ki, kj]
-    for_batch_chunks(scatter, out, n)
-    return out.reshape(n, BH, BW, G * Cg)
+    for_batch_chunks(add, out, n)
 
 
 def _weight_matrix(w, groups):
@@ -80,6 +97,13 @@ def _weight_from_matrix(wm, shape):
     O, Cg, KH, KW = shape
     G, _, Og = wm.shape
     return wm.reshape(G, KH, KW, Cg, Og).transpose(0, 4, 3, 1, 2).reshape(O, Cg, KH, KW)
+
+
+def _transposed_weight_matrix(w, groups):
+    """Transposed-conv weight (C_in, O_g, KH, KW) as (G, C_g, KH*KW*O_g): rows are input channels."""
+    Cin, Og, KH, KW = w.shape
+    return w.reshape(groups, Cin // groups, Og, KH, KW).transpose(0, 1, 3, 4, 2).reshape(
+        groups, Cin // groups, KH * KW * Og)
 
 
 def _rows_to_nchw(y, n, hw):
@@ -99,48 +123,67 @@ def _nchw_to_rows(a, groups):
     return rows.transpose(1, 0, 2)
 
 
-def _channel_sum(g):
-    """Sum of an (N, C, H, W) gradient over N, H, W (the bias gradient)."""
-    return g.sum(axis=(0, 2, 3))
-
-
 class Conv2dFn(Function):
-    """y = conv2d(x, w) + b. Saves the patch matrix (for dW) and the weight matrix (for dx)."""
+    """y = conv2d(x, w) + b. Saves the (padded) NHWC input and the weight matrix."""
 
     def forward(self, x, w, b=None, *, stride, padding, dilation, groups):
         xp = backend_of(x).xp
         N, C, H, W = x.shape
-        O, _, KH, KW = w.shape
+        O, Cg, KH, KW = w.shape
         (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
         OH = (H + 2 * ph - dh * (KH - 1) - 1) // sh + 1
         OW = (W + 2 * pw - dw * (KW - 1) - 1) // sw + 1
-        a = x.transpose(0, 2, 3, 1)                      # NHWC view
+        a = x.transpose(0, 2, 3, 1)                       # NHWC view
         if ph or pw:
             padded = xp.zeros((N, H + 2 * ph, W + 2 * pw, C), dtype=x.dtype)
             padded[:, ph:ph + H, pw:pw + W] = a
             a = padded
-        cols = _im2col(a, (KH, KW), (OH, OW), (sh, sw), (dh, dw), groups)
+        windows = _windows(a, (KH, KW), (OH, OW), (sh, sw), (dh, dw), groups)
         wm = _weight_matrix(w, groups)
-        y = xp.matmul(cols, wm)                           # (G, M, O_g)
+        y = xp.empty((groups, N * OH * OW, O // groups), dtype=x.dtype)
+        per_sample = OH * OW * KH * KW * Cg
+        chunks = _batch_chunks(x, N, per_sample * groups * x.itemsize)
+        buf = xp.empty((groups, chunks[0][1]) + windows.shape[2:], dtype=x.dtype)
+        for lo, hi in chunks:
+            xp.matmul(_gather(windows, lo, hi, buf), wm, out=y[:, lo * OH * OW:hi * OH * OW])
         if b is not None:
             y += b.reshape(groups, 1, O // groups)
         self.geom = (N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, w.shape)
-        self.cols = cols if self.needs_grad[1] else None
+        self.a = a if self.needs_grad[1] else None
         self.wm = wm if self.needs_grad[0] else None
         return _rows_to_nchw(y, N, (OH, OW))
 
     def backward(self, g):
+        xp = backend_of(g).xp
         N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, wshape = self.geom
+        need_x, need_w = self.needs_grad[0], self.needs_grad[1]
         gm = _nchw_to_rows(g, groups)                     # (G, M, O_g)
+        Cg = C // groups
+        chunks = _batch_chunks(g, N, OH * OW * KH * KW * C * g.itemsize)
+        k = chunks[0][1]
+        if need_w:
+            windows = _windows(self.a, (KH, KW), (OH, OW), (sh, sw), (dh, dw), groups)
+            buf = xp.empty((groups, k) + windows.shape[2:], dtype=g.dtype)
+            gwm = xp.zeros((groups, KH * KW * Cg, gm.shape[2]), dtype=g.dtype)
+        if need_x:
+            wmT = self.wm.swapaxes(1, 2)
+            gbuf = xp.empty((N, H + 2 * ph, W + 2 * pw, groups, Cg), dtype=g.dtype)
+            dcols = xp.empty((groups, k * OH * OW, KH * KW * Cg), dtype=g.dtype)
+        for lo, hi in chunks:
+            g_rows = gm[:, lo * OH * OW:hi * OH * OW]
+            if need_w:
+                gwm += _gather(windows, lo, hi, buf).swapaxes(1, 2) @ g_rows
+            if need_x:
+                d = dcols[:, :(hi - lo) * OH * OW]
+                xp.matmul(g_rows, wmT, out=d)
+                _scatter(d, gbuf[lo:hi], (OH, OW), (KH, KW), (sh, sw), (dh, dw))
         gx = gw = gb = None
-        if self.needs_grad[0]:
-            dcols = gm @ self.wm.swapaxes(1, 2)           # (G, M, KH*KW*C_g)
-            buf = _col2im(dcols, N, (OH, OW), (KH, KW), (H + 2 * ph, W + 2 * pw), (sh, sw), (dh, dw))
-            gx = buf[:, ph:ph + H, pw:pw + W].transpose(0, 3, 1, 2)
-        if self.needs_grad[1]:
-            gw = _weight_from_matrix(self.cols.swapaxes(1, 2) @ gm, wshape)
+        if need_x:
+            gx = gbuf.reshape(N, H + 2 * ph, W + 2 * pw, C)[:, ph:ph + H, pw:pw + W].transpose(0, 3, 1, 2)
+        if need_w:
+            gw = _weight_from_matrix(gwm, wshape)
         if len(self.needs_grad) > 2 and self.needs_grad[2]:
-            gb = _channel_sum(g)
+            gb = gm.sum(axis=1).reshape(-1)
         return (gx, gw, gb)[:len(self.needs_grad)]
 
 
@@ -148,6 +191,7 @@ class ConvTranspose2dFn(Function):
     """y = conv_transpose2d(x, w) + b, w of shape (C_in, C_out/G, KH, KW): a GEMM then col2im."""
 
     def forward(self, x, w, b=None, *, stride, padding, output_padding, dilation, groups):
+        xp = backend_of(x).xp
         N, C, H, W = x.shape
         _, Og, KH, KW = w.shape
         (ph, pw), (sh, sw), (dh, dw), (oph, opw) = padding, stride, dilation, output_padding
@@ -156,12 +200,15 @@ class ConvTranspose2dFn(Function):
         # the scatter buffer must hold rows [ph, ph + OH) of the output as well as every patch
         buf_h, buf_w = max(full_h, ph + OH), max(full_w, pw + OW)
         xm = _nchw_to_rows(x, groups)                      # (G, M, C_g)
-        # weight (C_in, O_g, KH, KW) -> (G, C_g, KH*KW*O_g): rows are input channels
-        Cg = C // groups
-        wm = w.reshape(groups, Cg, Og, KH, KW).transpose(0, 1, 3, 4, 2).reshape(groups, Cg, KH * KW * Og)
-        cols = backend_of(x).xp.matmul(xm, wm)              # (G, M, KH*KW*O_g)
-        buf = _col2im(cols, N, (H, W), (KH, KW), (buf_h, buf_w), (sh, sw), (dh, dw))
-        y = buf[:, ph:ph + OH, pw:pw + OW]
+        wm = _transposed_weight_matrix(w, groups)          # (G, C_g, KH*KW*O_g)
+        out = xp.empty((N, buf_h, buf_w, groups, Og), dtype=x.dtype)
+        chunks = _batch_chunks(x, N, H * W * KH * KW * Og * groups * x.itemsize)
+        cols = xp.empty((groups, chunks[0][1] * H * W, KH * KW * Og), dtype=x.dtype)
+        for lo, hi in chunks:
+            c = cols[:, :(hi - lo) * H * W]
+            xp.matmul(xm[:, lo * H * W:hi * H * W], wm, out=c)
+            _scatter(c, out[lo:hi], (H, W), (KH, KW), (sh, sw), (dh, dw))
+        y = out.reshape(N, buf_h, buf_w, groups * Og)[:, ph:ph + OH, pw:pw + OW]
         if b is not None:
             y += b
         self.geom = (N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, w.shape, full_h, full_w)
@@ -172,8 +219,9 @@ class ConvTranspose2dFn(Function):
     def backward(self, g):
         N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, wshape, full_h, full_w = self.geom
         xp = backend_of(g).xp
+        need_x, need_w = self.needs_grad[0], self.needs_grad[1]
         gx = gw = gb = None
-        if self.needs_grad[0] or self.needs_grad[1]:
+        if need_x or need_w:
             a = g.transpose(0, 2, 3, 1)                   # NHWC view of the output gradient
             if ph or pw or OH < full_h or OW < full_w:
                 # back to the coordinates of the scatter buffer (rows outside the output get 0)
@@ -181,14 +229,28 @@ class ConvTranspose2dFn(Function):
                 hi_h, hi_w = min(OH, full_h - ph), min(OW, full_w - pw)
                 full[:, ph:ph + hi_h, pw:pw + hi_w] = a[:, :hi_h, :hi_w]
                 a = full
-            cols = _im2col(a, (KH, KW), (H, W), (sh, sw), (dh, dw), groups)   # (G, M, KH*KW*O_g)
-            if self.needs_grad[0]:
-                gx = _rows_to_nchw(cols @ self.wm.swapaxes(1, 2), N, (H, W))
-            if self.needs_grad[1]:
-                Cin, Og = wshape[0], wshape[1]
-                gw = ((self.xm.swapaxes(1, 2) @ cols)      # (G, C_g, KH*KW*O_g)
-                      .reshape(groups, Cin // groups, KH, KW, Og).transpose(0, 1, 4, 2, 3)
+            windows = _windows(a, (KH, KW), (H, W), (sh, sw), (dh, dw), groups)
+            Og = wshape[1]
+            chunks = _batch_chunks(g, N, H * W * KH * KW * Og * groups * g.itemsize)
+            buf = xp.empty((groups, chunks[0][1]) + windows.shape[2:], dtype=g.dtype)
+            if need_x:
+                wmT = self.wm.swapaxes(1, 2)
+                gxm = xp.empty((groups, N * H * W, C // groups), dtype=g.dtype)
+            if need_w:
+                gwm = xp.zeros(self.xm.shape[:1] + (C // groups, KH * KW * Og), dtype=g.dtype)
+            for lo, hi in chunks:
+                cols = _gather(windows, lo, hi, buf)      # (G, rows, KH*KW*O_g)
+                rows = slice(lo * H * W, hi * H * W)
+                if need_x:
+                    xp.matmul(cols, wmT, out=gxm[:, rows])
+                if need_w:
+                    gwm += self.xm[:, rows].swapaxes(1, 2) @ cols
+            if need_x:
+                gx = _rows_to_nchw(gxm, N, (H, W))
+            if need_w:
+                Cin = wshape[0]
+                gw = (gwm.reshape(groups, Cin // groups, KH, KW, Og).transpose(0, 1, 4, 2, 3)
                       .reshape(wshape))
         if len(self.needs_grad) > 2 and self.needs_grad[2]:
-            gb = _channel_sum(g)
+            gb = g.sum(axis=(0, 2, 3))
         return (gx, gw, gb)[:len(self.needs_grad)]

@@ -8,15 +8,25 @@ threads. Small arrays and non-NumPy backends (CuPy, the strict stand-in) run inl
 
 The number of threads is ``TINYDIFF_NUM_THREADS`` if set, else the number of CPUs (at most 8);
 ``set_num_threads(n)`` changes it (1 disables the pool).
+
+Memory. A training step allocates and frees the same large arrays (patch matrices, activations)
+every step. With glibc's default settings, arrays of a few MB are mmap'ed and returned to the
+system when freed, so every step pays page faults on fresh pages again (about 1 ms per 5 MB here).
+The first large op therefore asks glibc (Linux only) to keep freed memory for reuse, as PyTorch's
+caching allocators do for device memory: ``mallopt(M_MMAP_THRESHOLD, 256 MB)`` and
+``mallopt(M_TRIM_THRESHOLD, 1 GB)``. The process's resident memory then stays near its peak.
+Set ``TINYDIFF_KEEP_FREED_MEMORY=0`` to leave the allocator alone.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_state = {"threads": None, "pool": None}
+_state = {"threads": None, "pool": None, "malloc_tuned": False}
 MIN_ELEMENTS = 150_000       # below this an op runs inline: the pool's overhead (~50 us) would dominate
 CHUNK_BYTES = 512 * 1024     # chunk size per array: keeps an op's working set near the L2 cache
 
@@ -37,6 +47,24 @@ def set_num_threads(n):
     _state["threads"] = n
 
 
+def keep_freed_memory():
+    """Ask glibc to reuse freed large blocks instead of returning them to the OS (see above).
+    Returns True if the setting was applied (Linux with glibc), False otherwise."""
+    if _state["malloc_tuned"] is not False:
+        return _state["malloc_tuned"]
+    _state["malloc_tuned"] = None
+    if os.environ.get("TINYDIFF_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1 and libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):
+        ok = False
+    _state["malloc_tuned"] = ok
+    return ok
+
+
 def _pool():
     if _state["pool"] is None:
         _state["pool"] = ThreadPoolExecutor(max_workers=get_num_threads(),
@@ -51,10 +79,12 @@ def for_batch_chunks(fn, like, n=None):
     ``fn(0, n)`` runs here. ``fn`` must only write its own rows of its outputs.
     """
     n = like.shape[0] if n is None else n
-    threads = get_num_threads()
-    if type(like) is not np.ndarray or threads == 1 or like.size < MIN_ELEMENTS or n < 2:
+    if type(like) is not np.ndarray or like.size < MIN_ELEMENTS:
         fn(0, n)
         return
+    if _state["malloc_tuned"] is False:
+        keep_freed_memory()
+    threads = get_num_threads()
     per_row = max(1, like.nbytes // n)
     rows = max(1, min(-(-n // threads), CHUNK_BYTES // per_row))
     bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
@@ -65,6 +95,9 @@ def for_batch_chunks(fn, like, n=None):
     def run(chunks):
         for lo, hi in chunks:
             fn(lo, hi)
+    if k == 1:
+        run(bounds)
+        return
     futures = [_pool().submit(run, r) for r in runs[1:]]
     run(runs[0])                    # this thread takes the first run itself
     for f in futures:
