@@ -38,7 +38,7 @@ def _threads_from_argv(argv):
 
 
 if _threads_from_argv(sys.argv):
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TINYDIFF_NUM_THREADS"):
         os.environ[var] = _threads_from_argv(sys.argv)
 
 import numpy as np  # noqa: E402
@@ -373,8 +373,10 @@ def main(argv=None):
     device = "cuda" if (args.backend == "cupy" and torch is not None and torch.cuda.is_available()) else "cpu"
     sync = lambda: sync_all(backend, device)  # noqa: E731
 
+    from tinydiff.nn._parallel import get_num_threads
     print(f"tinydiff {td.__version__} on {backend.name}, NumPy {np.__version__}, "
-          f"{os.cpu_count()} CPUs", end="")
+          f"{os.cpu_count()} CPUs, {get_num_threads()} tinydiff threads, load average "
+          f"{os.getloadavg()[0]:.1f} at start", end="")
     if torch is not None:
         print(f"; PyTorch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
     else:
@@ -405,6 +407,8 @@ def main(argv=None):
                 step = train_steps(backend, device, batch, sde, model, opt, tmodel, topt)[0]
                 print(f"peak memory of a tinydiff training step, batch {batch}: "
                       f"{peak_memory_mb(step):.1f} MB (tracemalloc, above the live arrays before it)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on these cores make "
+          "every time noisy; the ratios are of adjacent pairs)")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def _gather(windows, lo, hi, buf):
 
     def copy(l, h):
         b[:, l:h] = windows[:, lo + l:lo + h]
-    for_batch_chunks(copy, b[0], hi - lo)
+    for_batch_chunks(copy, b[0], hi - lo, block=False)
     return b.reshape(G, (hi - lo) * OH * OW, KH * KW * Cg)
 
 
@@ -81,7 +81,7 @@ def _scatter(cols, out, in_hw, kernel, stride, dilation):
             rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
             for kj in range(KW):
                 o[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[lo:hi, :, :, ki, kj]
-    for_batch_chunks(add, out, n)
+    for_batch_chunks(add, out, n, block=False)
 
 
 def _weight_matrix(w, groups):

@@ -12,7 +12,7 @@ and share the classical backward (with dxhat = dy * gamma, means over the same m
 from __future__ import annotations
 
 from ..backend import backend_of
-from ..tensor import Function
+from ..tensor import Function, is_grad_enabled
 from ._parallel import for_batch_chunks
 
 
@@ -40,27 +40,64 @@ def _per_group(a, groups):
     return a.reshape(N, groups, C // groups)
 
 
+def _moments_to_affine(s1, s2, shift, gamma, beta, groups, S, eps):
+    """Per-sample statistics (float64, small arrays) -> y = x a + b coefficients (N, G, C/G) and
+    what the backward needs. s1, s2: (n, C) float64 sums of x and x^2 over the S positions."""
+    xp = backend_of(s1).xp
+    n, C = s1.shape
+    mean_c = s1 * (1.0 / S)
+    centre = mean_c if shift is None else mean_c + shift                 # channel means of x+shift
+    mu = _per_group(centre, groups).mean(axis=2, keepdims=True)         # (n, G, 1)
+    within = xp.maximum(s2 - s1 * mean_c, 0.0)                         # S * channel variance
+    dev = _per_group(centre, groups) - mu
+    var = (_per_group(within, groups) + S * dev * dev).sum(axis=2, keepdims=True) * (groups / (S * C))
+    rstd = 1.0 / xp.sqrt(var + eps)                                     # (n, G, 1)
+    shift_minus_mu = (0.0 if shift is None else _per_group(shift, groups)) - mu
+    a = rstd * gamma
+    b = shift_minus_mu * a + beta
+    return a, b, rstd, shift_minus_mu
+
+
+def _backward_coefficients(sum_d, sum_dx, rstd, shift_minus_mu, gamma, groups, S):
+    """From a = sum_s dL/dy and b = sum_s dL/dy x (float64, (n, C)): dx = dL/dy P + x Q + R with
+    P, Q, R of shape (n, G, C/G), and sum_s dL/dy xhat (for the weight gradient)."""
+    a_c, b_c = _per_group(sum_d, groups), _per_group(sum_dx, groups)
+    xhat_term = b_c + shift_minus_mu * a_c                              # sum_s dL/dy (x + shift - mu)
+    m = S * a_c.shape[2]
+    m1 = (gamma * a_c).sum(axis=2, keepdims=True) * (1.0 / m)           # group mean of dxhat
+    m2 = (gamma * rstd * xhat_term).sum(axis=2, keepdims=True) * (1.0 / m)   # ... of dxhat xhat
+    p = rstd * gamma
+    q = -rstd * rstd * m2
+    r = -rstd * m1 + q * shift_minus_mu
+    xp = backend_of(p).xp
+    return p, xp.broadcast_to(q, p.shape), xp.broadcast_to(r, p.shape), rstd * xhat_term
+
+
 class GroupNormActFn(Function):
     """[silu](group_norm(x + shift[:, :, None, None])) in one op; shift (N, C) optional, weight and
     bias (C,) together or not at all. GroupNorm alone is the same op with ``silu=False``.
 
-    Statistics come from per-(sample, channel) moments S1 = sum_s x, S2 = sum_s x^2 (two GEMM
-    reductions), combined in float64 on the small (N, C) arrays; the shift enters analytically:
+    Statistics come from per-(sample, channel) moments S1 = sum_s x, S2 = sum_s x^2 (GEMMs with a
+    ones vector), combined in float64 on the small (N, C) arrays; the shift enters analytically:
 
         mu_g  = mean_{c in g} (S1_c / S + shift_c)
         var_g = (1/m) sum_{c in g} [(S2_c - S1_c^2 / S) + S (S1_c / S + shift_c - mu_g)^2]
 
     (only the within-channel variance S2 - S1^2/S is a difference of large numbers, as in PyTorch's
     channels-last kernel). Then y = x A_c + B_c with A_c = rstd_g gamma_c, B_c = (shift_c - mu_g)
-    A_c + beta_c: two passes over the data, no centred copy.
+    A_c + beta_c: no centred copy of x is made.
 
     silu(y) = u + u tanh(u) with u = y / 2 (no overflow), so with t = tanh(u):
-    2 silu'(y) = 1 + t + u (1 - t^2).
+    2 silu'(y) = 1 + t + u (1 - t^2), computed in the forward pass (only when a gradient will be
+    needed) and saved instead of t and u: one array kept instead of two.
 
-    Backward, with D = dL/dy, a_c = sum_s D, b_c = sum_s D x (two more GEMM reductions):
+    Backward, with D = dL/dy, a_c = sum_s D, b_c = sum_s D x:
         dx = D P_c + x Q_g + R_c,   P = rstd gamma,   Q = -rstd^2 M2,   R = -rstd M1 - rstd^2 M2 (shift - mu)
     where M1 = mean_g(gamma a) / S and M2 = mean_g(gamma rstd (b + (shift - mu) a)) / S are the group
     means of dxhat and dxhat * xhat; dshift = sum_s dx = P a + Q S1 + R S needs no pass at all.
+
+    The statistics are per sample, so on NumPy each chunk of samples is finished (moments,
+    coefficients, output) independently, and the chunks run on the thread pool.
     """
 
     def forward(self, x, *rest, num_groups, eps, has_shift, silu):
@@ -68,111 +105,93 @@ class GroupNormActFn(Function):
         N, C = x.shape[:2]
         G, dt, f64 = num_groups, x.dtype, xp.float64
         shift, affine = (rest[0], rest[1:]) if has_shift else (None, rest)
+        shift = None if shift is None else shift.astype(f64)
         v = _rows(x)                                           # (N, S, C)
         S = v.shape[1]
-        ones = xp.ones((1, 1, S), dtype=dt)
-        s1, s2 = xp.empty((N, C), dtype=dt), xp.empty((N, C), dtype=dt)
-        sq = xp.empty(v.shape, dtype=dt)                       # x^2, later reused for u
-
-        def moments(lo, hi):
-            vs = v[lo:hi]
-            xp.multiply(vs, vs, out=sq[lo:hi])
-            s1[lo:hi] = xp.matmul(ones, vs)[:, 0]
-            s2[lo:hi] = xp.matmul(ones, sq[lo:hi])[:, 0]
-        for_batch_chunks(moments, v)
-
-        s1, s2 = s1.astype(f64), s2.astype(f64)
-        mean_c = s1 * (1.0 / S)
-        centre = mean_c if shift is None else mean_c + shift.astype(f64)     # channel means of x+shift
-        mu = _per_group(centre, G).mean(axis=2, keepdims=True)              # (N, G, 1)
-        within = xp.maximum(s2 - s1 * mean_c, 0.0)                         # S * channel variance
-        dev = _per_group(centre, G) - mu
-        var = (_per_group(within, G) + S * dev * dev).sum(axis=2, keepdims=True) * (1.0 / (S * C // G))
-        rstd = 1.0 / xp.sqrt(var + eps)                                     # (N, G, 1)
         gamma = (affine[0].astype(f64) if affine else xp.ones((C,), dtype=f64)).reshape(1, G, C // G)
         beta = affine[1].astype(f64).reshape(1, G, C // G) if affine else 0.0
-        shift_minus_mu = (0.0 if shift is None else _per_group(shift.astype(f64), G)) - mu
-        a = rstd * gamma                                                    # y = x a + b
-        b = shift_minus_mu * a + beta                                       # (N, G, C/G)
-        self.saved = (x, rstd, shift_minus_mu, s1, gamma, G, S, has_shift, bool(affine), silu)
+        ones = xp.ones((1, 1, S), dtype=dt)
+        need_grad = is_grad_enabled() and any(self.needs_grad)
         out_full, out = _new_rows(x)
-        scale = 0.5 if silu else 1.0                                        # silu works on u = y/2
-        a = (a * scale).reshape(N, 1, C).astype(dt)
-        b = (b * scale).reshape(N, 1, C).astype(dt)
-        u, t = sq, (xp.empty(v.shape, dtype=dt) if silu else None)
+        scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then u = y/2
+        dsilu = xp.empty(v.shape, dtype=dt) if (silu and need_grad) else None
+        s1 = xp.empty((N, C), dtype=f64)
+        rstd = xp.empty((N, G, 1), dtype=f64)
+        smm = xp.empty((N, G, C // G), dtype=f64)
+        scale = 0.5 if silu else 1.0                           # silu works on u = y/2
 
-        def normalise(lo, hi):
-            us = xp.multiply(v[lo:hi], a[lo:hi], out=u[lo:hi] if silu else out[lo:hi])
-            us += b[lo:hi]
-            if silu:
-                ts = xp.tanh(us, out=t[lo:hi])
-                o = xp.multiply(ts, us, out=out[lo:hi])
-                o += us
-        for_batch_chunks(normalise, v)
-        if silu:
-            self.u, self.t = u, t
+        def chunk(lo, hi):
+            vs, sq, os_ = v[lo:hi], scratch[lo:hi], out[lo:hi]
+            xp.multiply(vs, vs, out=sq)
+            c1 = xp.matmul(ones, vs)[:, 0].astype(f64)
+            c2 = xp.matmul(ones, sq)[:, 0].astype(f64)
+            a, b, r, m = _moments_to_affine(c1, c2, None if shift is None else shift[lo:hi],
+                                            gamma, beta, G, S, eps)
+            s1[lo:hi], rstd[lo:hi], smm[lo:hi] = c1, r, m
+            a = (a * scale).reshape(hi - lo, 1, C).astype(dt)
+            b = (b * scale).reshape(hi - lo, 1, C).astype(dt)
+            if not silu:
+                xp.multiply(vs, a, out=os_)
+                os_ += b
+                return
+            u = xp.multiply(vs, a, out=sq)
+            u += b
+            t = xp.tanh(u, out=os_)                            # t in the output buffer first
+            if dsilu is not None:                              # 2 silu'(y) = 1 + t + u (1 - t^2)
+                d = xp.multiply(t, t, out=dsilu[lo:hi])
+                xp.subtract(1, d, out=d)
+                d *= u
+                d += t
+                d += 1
+            t *= u                                             # silu(y) = u + u t
+            t += u
+        for_batch_chunks(chunk, v)
+        if need_grad:
+            self.saved = (x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, bool(affine), silu)
         return out_full
 
     def backward(self, g):
         xp = backend_of(g).xp
-        x, rstd, shift_minus_mu, s1, gamma, G, S, has_shift, has_affine, silu = self.saved
+        x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, has_affine, silu = self.saved
         N, C = x.shape[:2]
         dt, f64 = x.dtype, xp.float64
         v, gv = _rows(x), _rows(g)
         ones = xp.ones((1, 1, S), dtype=dt)
-        d = xp.empty(v.shape, dtype=dt)         # 2 dL/dy (silu) or dL/dy, then dx in place
+        gx_full, gx = _new_rows(x)
         prod = xp.empty(v.shape, dtype=dt)
-        sum_d, sum_dx = xp.empty((N, C), dtype=dt), xp.empty((N, C), dtype=dt)
-        t, u = (self.t, self.u) if silu else (None, None)
-
-        def gather(lo, hi):
-            ds = d[lo:hi]
-            if silu:   # 2 silu'(y) = 1 + t + u (1 - t^2)
-                ts = t[lo:hi]
-                xp.multiply(ts, ts, out=ds)
-                xp.subtract(1, ds, out=ds)
-                ds *= u[lo:hi]
-                ds += ts
-                ds += 1
-                ds *= gv[lo:hi]
-            else:
-                ds[...] = gv[lo:hi]
-            ps = xp.multiply(ds, v[lo:hi], out=prod[lo:hi])
-            sum_d[lo:hi] = xp.matmul(ones, ds)[:, 0]
-            sum_dx[lo:hi] = xp.matmul(ones, ps)[:, 0]
-        for_batch_chunks(gather, v)
-
         half = 0.5 if silu else 1.0
-        a_c = _per_group(sum_d.astype(f64) * half, G)                      # sum_s dL/dy
-        b_c = _per_group(sum_dx.astype(f64) * half, G)                     # sum_s dL/dy x
-        xhat_term = b_c + shift_minus_mu * a_c                              # sum_s dL/dy (x + shift - mu)
-        m = S * (C // G)
-        m1 = (gamma * a_c).sum(axis=2, keepdims=True) * (1.0 / m)
-        m2 = (gamma * rstd * xhat_term).sum(axis=2, keepdims=True) * (1.0 / m)
-        p = rstd * gamma                                                    # (N, G, C/G)
-        q = xp.broadcast_to(-rstd * rstd * m2, p.shape)
-        r = xp.broadcast_to(-rstd * m1 + q * shift_minus_mu, p.shape)
-        pd = (p * half).reshape(N, 1, C).astype(dt)
-        qd, rd = q.reshape(N, 1, C).astype(dt), r.reshape(N, 1, C).astype(dt)
+        sum_d = xp.empty((N, C), dtype=f64)
+        wterm = xp.empty((N, G, C // G), dtype=f64)
+        p_all, q_all, r_all = (xp.empty((N, G, C // G), dtype=f64) for _ in range(3))
 
-        def scatter(lo, hi):   # dx = dL/dy P + x Q + R
-            gx = d[lo:hi]
-            gx *= pd[lo:hi]
-            ps = xp.multiply(v[lo:hi], qd[lo:hi], out=prod[lo:hi])
-            gx += ps
-            gx += rd[lo:hi]
-        for_batch_chunks(scatter, v)
+        def chunk(lo, hi):
+            d, ps = gx[lo:hi], prod[lo:hi]                     # d: 2 dL/dy (silu) or dL/dy
+            if silu:
+                xp.multiply(gv[lo:hi], dsilu[lo:hi], out=d)
+            else:
+                d[...] = gv[lo:hi]
+            xp.multiply(d, v[lo:hi], out=ps)
+            a = xp.matmul(ones, d)[:, 0].astype(f64) * half
+            b = xp.matmul(ones, ps)[:, 0].astype(f64) * half
+            p, q, r, w = _backward_coefficients(a, b, rstd[lo:hi], smm[lo:hi], gamma, G, S)
+            sum_d[lo:hi], wterm[lo:hi] = a, w
+            p_all[lo:hi], q_all[lo:hi], r_all[lo:hi] = p, q, r
+            n = hi - lo
+            d *= (p * half).reshape(n, 1, C).astype(dt)        # dx = dL/dy P + x Q + R, in place
+            xp.multiply(v[lo:hi], q.reshape(n, 1, C).astype(dt), out=ps)
+            d += ps
+            d += r.reshape(n, 1, C).astype(dt)
+        for_batch_chunks(chunk, v)
 
-        spatial = x.shape[2:]
-        grads = [xp.moveaxis(d.reshape((N,) + spatial + (C,)), -1, 1)]
+        grads = [gx_full]
         if has_shift:
-            gshift = (p * a_c + q * _per_group(s1, G) + r * S).reshape(N, C)
+            a_c = _per_group(sum_d, G)
+            gshift = (p_all * a_c + q_all * _per_group(s1, G) + r_all * S).reshape(N, C)
             grads.append(gshift.astype(dt) if self.needs_grad[1] else None)
         if has_affine:
             k = 2 if has_shift else 1
-            grads.append((rstd * xhat_term).reshape(N, C).sum(axis=0).astype(dt)
-                         if self.needs_grad[k] else None)
-            grads.append(a_c.reshape(N, C).sum(axis=0).astype(dt) if self.needs_grad[k + 1] else None)
+            grads.append(wterm.reshape(N, C).sum(axis=0).astype(dt) if self.needs_grad[k] else None)
+            grads.append(sum_d.sum(axis=0).astype(dt) if self.needs_grad[k + 1] else None)
         return tuple(grads)
 
 

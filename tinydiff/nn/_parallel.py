@@ -28,7 +28,7 @@ import numpy as np
 
 _state = {"threads": None, "pool": None, "malloc_tuned": False}
 MIN_ELEMENTS = 150_000       # below this an op runs inline: the pool's overhead (~50 us) would dominate
-CHUNK_BYTES = 512 * 1024     # chunk size per array: keeps an op's working set near the L2 cache
+CHUNK_BYTES = 4 << 20       # at most this many bytes of the op's main array per chunk
 
 
 def get_num_threads():
@@ -72,11 +72,13 @@ def _pool():
     return _state["pool"]
 
 
-def for_batch_chunks(fn, like, n=None):
+def for_batch_chunks(fn, like, n=None, block=True):
     """Call ``fn(lo, hi)`` over chunks [lo, hi) of the leading (batch) axis of ``like``.
 
     Chunks go to the thread pool when ``like`` is a large NumPy array; otherwise one call
-    ``fn(0, n)`` runs here. ``fn`` must only write its own rows of its outputs.
+    ``fn(0, n)`` runs here. With ``block`` the chunks are also cut to about CHUNK_BYTES (cache
+    blocking); without it there is one chunk per thread. ``fn`` must only write its own rows of
+    its outputs.
     """
     n = like.shape[0] if n is None else n
     if type(like) is not np.ndarray or like.size < MIN_ELEMENTS:
@@ -86,7 +88,9 @@ def for_batch_chunks(fn, like, n=None):
         keep_freed_memory()
     threads = get_num_threads()
     per_row = max(1, like.nbytes // n)
-    rows = max(1, min(-(-n // threads), CHUNK_BYTES // per_row))
+    rows = -(-n // threads)
+    if block:
+        rows = max(1, min(rows, CHUNK_BYTES // per_row))
     bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
     # split the chunks into one contiguous run per thread, so each thread walks its part in order
     k = min(threads, len(bounds))
