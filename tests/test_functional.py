@@ -441,3 +441,16 @@ def test_threaded_chunks_give_the_same_results(monkeypatch):
         _parallel.set_num_threads(before)
     for a, b in zip(inline, chunked):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0, 1000.0])
+def test_group_norm_float32_is_accurate_for_offset_inputs(backend, offset):
+    """float32 statistics must not cancel catastrophically when |mean| >> std (the naive
+    E[x^2] - E[x]^2 loses everything at offset 1000); compare with the float64 op."""
+    x = randn(0, 4, 8, 9, 7) + offset
+    shift = randn(1, 4, 8)
+    ref = F.group_norm_silu(td.Tensor(backend.asarray(x)), 2, shift=backend.asarray(shift)).numpy()
+    got = F.group_norm_silu(td.Tensor(backend.asarray(x.astype(np.float32))), 2,
+                            shift=backend.asarray(shift.astype(np.float32))).numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, atol=2e-6 * (1 + offset))

@@ -40,15 +40,14 @@ def _per_group(a, groups):
     return a.reshape(N, groups, C // groups)
 
 
-def _moments_to_affine(s1, s2, shift, gamma, beta, groups, S, eps):
-    """Per-sample statistics (float64, small arrays) -> y = x a + b coefficients (N, G, C/G) and
-    what the backward needs. s1, s2: (n, C) float64 sums of x and x^2 over the S positions."""
-    xp = backend_of(s1).xp
-    n, C = s1.shape
-    mean_c = s1 * (1.0 / S)
+def _moments_to_affine(mean_c, within, shift, gamma, beta, groups, S, eps):
+    """Per-sample statistics (float64, small arrays) -> y = x a + b coefficients (n, G, C/G) and
+    what the backward needs. mean_c: (n, C) channel means of x; within: (n, C) sums over the S
+    positions of (x - mean_c)^2."""
+    xp = backend_of(mean_c).xp
+    C = mean_c.shape[1]
     centre = mean_c if shift is None else mean_c + shift                 # channel means of x+shift
     mu = _per_group(centre, groups).mean(axis=2, keepdims=True)         # (n, G, 1)
-    within = xp.maximum(s2 - s1 * mean_c, 0.0)                         # S * channel variance
     dev = _per_group(centre, groups) - mu
     var = (_per_group(within, groups) + S * dev * dev).sum(axis=2, keepdims=True) * (groups / (S * C))
     rstd = 1.0 / xp.sqrt(var + eps)                                     # (n, G, 1)
@@ -77,15 +76,16 @@ class GroupNormActFn(Function):
     """[silu](group_norm(x + shift[:, :, None, None])) in one op; shift (N, C) optional, weight and
     bias (C,) together or not at all. GroupNorm alone is the same op with ``silu=False``.
 
-    Statistics come from per-(sample, channel) moments S1 = sum_s x, S2 = sum_s x^2 (GEMMs with a
-    ones vector), combined in float64 on the small (N, C) arrays; the shift enters analytically:
+    Statistics come from per-(sample, channel) moments of z = x - x_0 (x_0: the channel's value at
+    the first position, so that z has a mean of the order of its spread), S1 = sum_s z and
+    S2 = sum_s z^2 (GEMMs with a ones vector), combined in float64 on the small (N, C) arrays; the
+    shift enters analytically, with mean_c = x_0 + S1 / S:
 
-        mu_g  = mean_{c in g} (S1_c / S + shift_c)
-        var_g = (1/m) sum_{c in g} [(S2_c - S1_c^2 / S) + S (S1_c / S + shift_c - mu_g)^2]
+        mu_g  = mean_{c in g} (mean_c + shift_c)
+        var_g = (1/m) sum_{c in g} [(S2_c - S1_c^2 / S) + S (mean_c + shift_c - mu_g)^2]
 
-    (only the within-channel variance S2 - S1^2/S is a difference of large numbers, as in PyTorch's
-    channels-last kernel). Then y = x A_c + B_c with A_c = rstd_g gamma_c, B_c = (shift_c - mu_g)
-    A_c + beta_c: no centred copy of x is made.
+    Then y = x A_c + B_c with A_c = rstd_g gamma_c, B_c = (shift_c - mu_g) A_c + beta_c: no centred
+    copy of x is kept.
 
     silu(y) = u + u tanh(u) with u = y / 2 (no overflow), so with t = tanh(u):
     2 silu'(y) = 1 + t + u (1 - t^2), computed in the forward pass (only when a gradient will be
@@ -122,12 +122,19 @@ class GroupNormActFn(Function):
 
         def chunk(lo, hi):
             vs, sq, os_ = v[lo:hi], scratch[lo:hi], out[lo:hi]
-            xp.multiply(vs, vs, out=sq)
-            c1 = xp.matmul(ones, vs)[:, 0].astype(f64)
+            # moments of x - x[first position], per channel: a value of the channel itself, so
+            # the sums of squares do not cancel catastrophically when |mean| >> std
+            first = vs[:, :1, :]
+            xp.subtract(vs, first, out=sq)
+            c1 = xp.matmul(ones, sq)[:, 0].astype(f64)
+            sq *= sq
             c2 = xp.matmul(ones, sq)[:, 0].astype(f64)
-            a, b, r, m = _moments_to_affine(c1, c2, None if shift is None else shift[lo:hi],
+            first = first[:, 0, :].astype(f64)
+            mean_c = first + c1 * (1.0 / S)
+            within = xp.maximum(c2 - c1 * c1 * (1.0 / S), 0.0)
+            a, b, r, m = _moments_to_affine(mean_c, within, None if shift is None else shift[lo:hi],
                                             gamma, beta, G, S, eps)
-            s1[lo:hi], rstd[lo:hi], smm[lo:hi] = c1, r, m
+            s1[lo:hi], rstd[lo:hi], smm[lo:hi] = mean_c * S, r, m
             a = (a * scale).reshape(hi - lo, 1, C).astype(dt)
             b = (b * scale).reshape(hi - lo, 1, C).astype(dt)
             if not silu:
