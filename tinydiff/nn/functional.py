@@ -20,12 +20,13 @@ import numbers
 import numpy as np
 
 from ..backend import backend_of
-from ..tensor import Function, ShapeError, Tensor
+from ..tensor import Function, ShapeError, Tensor, is_grad_enabled
 from ._conv import Conv2dFn, ConvTranspose2dFn
 from ._attention import ScaledDotProductAttentionFn
 from ._misc import (AvgPool2dFn, DropoutFn, EmbeddingFn, GeluFn, UpsampleNearestFn, default_rng,
                     dropout_mask, nearest_index)
 from ._norm import GroupNormActFn, LayerNormFn
+from ._parallel import for_batch_chunks
 
 __all__ = ["linear", "conv2d", "conv_transpose2d", "group_norm", "group_norm_silu", "layer_norm", "silu",
            "gelu", "dropout", "avg_pool2d", "interpolate", "upsample", "embedding",
@@ -212,28 +213,42 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 
 class SiluFn(Function):
     """silu(x) = x sigmoid(x) ("swish"), via sigmoid(x) = (1 + tanh(x/2)) / 2, which cannot
-    overflow: with u = x/2 and t = tanh(u), silu(x) = u + u t. Derivative: s (1 + x (1 - s))."""
+    overflow: with u = x/2 and t = tanh(u), silu(x) = u + u t and
+    silu'(x) = (1 + t + u (1 - t^2)) / 2, computed in the forward pass when a gradient will be needed."""
 
     float_only = True
 
     def forward(self, x):
         xp = backend_of(x).xp
-        u = x * 0.5
-        t = xp.tanh(u)
-        y = t * u
-        y += u
-        self.x, self.t = x, t
+        y = xp.empty_like(x)
+        need_grad = is_grad_enabled() and self.needs_grad[0]
+        d = xp.empty_like(x) if need_grad else None
+        flat = x.ndim == 0                 # otherwise chunks of the leading axis (any layout)
+
+        def chunk(lo, hi):
+            xs = x if flat else x[lo:hi]
+            ys = y if flat else y[lo:hi]
+            u = xp.multiply(xs, 0.5)
+            t = xp.tanh(u, out=ys)
+            if d is not None:
+                ds = d if flat else d[lo:hi]
+                xp.multiply(t, t, out=ds)
+                xp.subtract(1, ds, out=ds)
+                ds *= u
+                ds += t
+                ds += 1
+                ds *= 0.5
+            t *= u
+            t += u
+        if flat:
+            chunk(0, 1)
+        else:
+            for_batch_chunks(chunk, x)
+        self.d = d
         return y
 
     def backward(self, g):
-        s = self.t * 0.5
-        s += 0.5                                # sigmoid(x)
-        d = 1 - s
-        d *= self.x
-        d += 1
-        d *= s
-        d *= g
-        return d
+        return g * self.d
 
 
 def silu(x):
