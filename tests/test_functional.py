@@ -454,3 +454,14 @@ def test_group_norm_float32_is_accurate_for_offset_inputs(backend, offset):
                             shift=backend.asarray(shift.astype(np.float32))).numpy()
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=2e-6 * (1 + offset))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv2d", "conv_transpose2d"])
+def test_conv_many_channels_matches_torch(transposed):
+    """Wide channel counts take the one-copy gather (small ones copy per tap): check it too."""
+    torch = pytest.importorskip("torch")
+    c = dict(groups=2, cin=16, cout=20, k=(3, 2), stride=(2, 1), dilation=(1, 2), padding=(1, 0),
+             hw=(7, 6), n=3, bias=True, seed=5, output_padding=(1, 0))
+    x, w, b = _conv_inputs(td.get_backend("numpy"), c, transposed)
+    _check_against_torch(_conv_fn(c, transposed, F), _conv_fn(c, transposed, torch.nn.functional),
+                         [x, w, b], seed=5)

@@ -29,16 +29,18 @@ import numpy as np
 
 from ..backend import backend_of
 from ..tensor import Function
-from ._parallel import for_batch_chunks
+from ._parallel import for_chunks, get_num_threads, pooled
 
 GEMM_CHUNK_BYTES = 2 << 20     # patch-matrix bytes per chunk on NumPy
 
 
 def _batch_chunks(like, n, row_bytes):
-    """[lo, hi) ranges over the batch: the whole batch off NumPy, else ~GEMM_CHUNK_BYTES each."""
+    """[lo, hi) ranges over the batch: the whole batch off NumPy, else ~GEMM_CHUNK_BYTES each
+    (at least one chunk per thread). They depend only on the sizes, never on the thread count
+    beyond that, so that sums over chunks are reproducible."""
     if type(like) is not np.ndarray:
         return [(0, n)]
-    rows = max(1, GEMM_CHUNK_BYTES // max(1, row_bytes))
+    rows = max(1, min(GEMM_CHUNK_BYTES // max(1, row_bytes), -(-n // get_num_threads())))
     return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
 
 
@@ -55,15 +57,17 @@ def _windows(a, kernel, out_hw, stride, dilation, groups):
         strides=(sC * Cg, sN, sH * sh, sW * sw, sH * dh, sW * dw, sC))
 
 
-def _gather(windows, lo, hi, buf):
-    """im2col of samples [lo, hi): copy their patches into ``buf`` and return it as the GEMM
-    operand (G, (hi-lo)*OH*OW, KH*KW*C_g)."""
+def _gather(windows, lo, hi):
+    """im2col of samples [lo, hi): their patches as the GEMM operand (G, (hi-lo)*OH*OW, KH*KW*C_g)."""
+    xp = backend_of(windows).xp
     G, _, OH, OW, KH, KW, Cg = windows.shape
-    b = buf[:, :hi - lo]
-
-    def copy(l, h):
-        b[:, l:h] = windows[:, lo + l:lo + h]
-    for_batch_chunks(copy, b[0], hi - lo, block=False)
+    b = xp.empty((G, hi - lo) + windows.shape[2:], dtype=windows.dtype)
+    if Cg * windows.itemsize >= 64:
+        b[...] = windows[:, lo:hi]          # runs of >= 64 contiguous bytes: one copy
+    else:                                   # few channels: one copy per tap, rows as inner loop
+        for ki in range(KH):
+            for kj in range(KW):
+                b[:, :, :, :, ki, kj] = windows[:, lo:hi, :, :, ki, kj]
     return b.reshape(G, (hi - lo) * OH * OW, KH * KW * Cg)
 
 
@@ -73,15 +77,19 @@ def _scatter(cols, out, in_hw, kernel, stride, dilation):
     n, G, Cg = out.shape[0], out.shape[3], out.shape[4]
     (IH, IW), (KH, KW), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
     c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)   # a view
+    out.fill(0)
+    for ki in range(KH):
+        rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
+        for kj in range(KW):
+            out[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[:, :, :, ki, kj]
 
-    def add(lo, hi):
-        o = out[lo:hi]
-        o.fill(0)
-        for ki in range(KH):
-            rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
-            for kj in range(KW):
-                o[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[lo:hi, :, :, ki, kj]
-    for_batch_chunks(add, out, n, block=False)
+
+def _sum_in_order(parts):
+    """Sum of per-chunk arrays in chunk order (reproducible whatever the threads did)."""
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
 
 
 def _weight_matrix(w, groups):
@@ -126,6 +134,7 @@ def _nchw_to_rows(a, groups):
 class Conv2dFn(Function):
     """y = conv2d(x, w) + b. Saves the (padded) NHWC input and the weight matrix."""
 
+    @pooled
     def forward(self, x, w, b=None, *, stride, padding, dilation, groups):
         xp = backend_of(x).xp
         N, C, H, W = x.shape
@@ -141,11 +150,11 @@ class Conv2dFn(Function):
         windows = _windows(a, (KH, KW), (OH, OW), (sh, sw), (dh, dw), groups)
         wm = _weight_matrix(w, groups)
         y = xp.empty((groups, N * OH * OW, O // groups), dtype=x.dtype)
-        per_sample = OH * OW * KH * KW * Cg
-        chunks = _batch_chunks(x, N, per_sample * groups * x.itemsize)
-        buf = xp.empty((groups, chunks[0][1]) + windows.shape[2:], dtype=x.dtype)
-        for lo, hi in chunks:
-            xp.matmul(_gather(windows, lo, hi, buf), wm, out=y[:, lo * OH * OW:hi * OH * OW])
+        chunks = _batch_chunks(x, N, OH * OW * KH * KW * Cg * groups * x.itemsize)
+
+        def work(lo, hi):
+            xp.matmul(_gather(windows, lo, hi), wm, out=y[:, lo * OH * OW:hi * OH * OW])
+        for_chunks(work, chunks, y, size=N * OH * OW * KH * KW * C)
         if b is not None:
             y += b.reshape(groups, 1, O // groups)
         self.geom = (N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, w.shape)
@@ -153,6 +162,7 @@ class Conv2dFn(Function):
         self.wm = wm if self.needs_grad[0] else None
         return _rows_to_nchw(y, N, (OH, OW))
 
+    @pooled
     def backward(self, g):
         xp = backend_of(g).xp
         N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, wshape = self.geom
@@ -160,23 +170,23 @@ class Conv2dFn(Function):
         gm = _nchw_to_rows(g, groups)                     # (G, M, O_g)
         Cg = C // groups
         chunks = _batch_chunks(g, N, OH * OW * KH * KW * C * g.itemsize)
-        k = chunks[0][1]
+        index = {c: i for i, c in enumerate(chunks)}
+        parts = [None] * len(chunks)
         if need_w:
             windows = _windows(self.a, (KH, KW), (OH, OW), (sh, sw), (dh, dw), groups)
-            buf = xp.empty((groups, k) + windows.shape[2:], dtype=g.dtype)
-            gwm = xp.zeros((groups, KH * KW * Cg, gm.shape[2]), dtype=g.dtype)
         if need_x:
             wmT = self.wm.swapaxes(1, 2)
             gbuf = xp.empty((N, H + 2 * ph, W + 2 * pw, groups, Cg), dtype=g.dtype)
-            dcols = xp.empty((groups, k * OH * OW, KH * KW * Cg), dtype=g.dtype)
-        for lo, hi in chunks:
+
+        def work(lo, hi):
             g_rows = gm[:, lo * OH * OW:hi * OH * OW]
             if need_w:
-                gwm += _gather(windows, lo, hi, buf).swapaxes(1, 2) @ g_rows
+                parts[index[lo, hi]] = _gather(windows, lo, hi).swapaxes(1, 2) @ g_rows
             if need_x:
-                d = dcols[:, :(hi - lo) * OH * OW]
-                xp.matmul(g_rows, wmT, out=d)
-                _scatter(d, gbuf[lo:hi], (OH, OW), (KH, KW), (sh, sw), (dh, dw))
+                _scatter(g_rows @ wmT, gbuf[lo:hi], (OH, OW), (KH, KW), (sh, sw), (dh, dw))
+        for_chunks(work, chunks, g, size=N * OH * OW * KH * KW * C)
+        if need_w:
+            gwm = _sum_in_order(parts)
         gx = gw = gb = None
         if need_x:
             gx = gbuf.reshape(N, H + 2 * ph, W + 2 * pw, C)[:, ph:ph + H, pw:pw + W].transpose(0, 3, 1, 2)
@@ -190,6 +200,7 @@ class Conv2dFn(Function):
 class ConvTranspose2dFn(Function):
     """y = conv_transpose2d(x, w) + b, w of shape (C_in, C_out/G, KH, KW): a GEMM then col2im."""
 
+    @pooled
     def forward(self, x, w, b=None, *, stride, padding, output_padding, dilation, groups):
         xp = backend_of(x).xp
         N, C, H, W = x.shape
@@ -203,11 +214,11 @@ class ConvTranspose2dFn(Function):
         wm = _transposed_weight_matrix(w, groups)          # (G, C_g, KH*KW*O_g)
         out = xp.empty((N, buf_h, buf_w, groups, Og), dtype=x.dtype)
         chunks = _batch_chunks(x, N, H * W * KH * KW * Og * groups * x.itemsize)
-        cols = xp.empty((groups, chunks[0][1] * H * W, KH * KW * Og), dtype=x.dtype)
-        for lo, hi in chunks:
-            c = cols[:, :(hi - lo) * H * W]
-            xp.matmul(xm[:, lo * H * W:hi * H * W], wm, out=c)
-            _scatter(c, out[lo:hi], (H, W), (KH, KW), (sh, sw), (dh, dw))
+
+        def work(lo, hi):
+            cols = xp.matmul(xm[:, lo * H * W:hi * H * W], wm)
+            _scatter(cols, out[lo:hi], (H, W), (KH, KW), (sh, sw), (dh, dw))
+        for_chunks(work, chunks, out, size=N * H * W * KH * KW * Og * groups)
         y = out.reshape(N, buf_h, buf_w, groups * Og)[:, ph:ph + OH, pw:pw + OW]
         if b is not None:
             y += b
@@ -216,6 +227,7 @@ class ConvTranspose2dFn(Function):
         self.wm = wm if self.needs_grad[0] else None
         return y.transpose(0, 3, 1, 2)
 
+    @pooled
     def backward(self, g):
         N, C, H, W, KH, KW, OH, OW, ph, pw, sh, sw, dh, dw, groups, wshape, full_h, full_w = self.geom
         xp = backend_of(g).xp
@@ -232,19 +244,22 @@ class ConvTranspose2dFn(Function):
             windows = _windows(a, (KH, KW), (H, W), (sh, sw), (dh, dw), groups)
             Og = wshape[1]
             chunks = _batch_chunks(g, N, H * W * KH * KW * Og * groups * g.itemsize)
-            buf = xp.empty((groups, chunks[0][1]) + windows.shape[2:], dtype=g.dtype)
+            index = {c: i for i, c in enumerate(chunks)}
+            parts = [None] * len(chunks)
             if need_x:
                 wmT = self.wm.swapaxes(1, 2)
                 gxm = xp.empty((groups, N * H * W, C // groups), dtype=g.dtype)
-            if need_w:
-                gwm = xp.zeros(self.xm.shape[:1] + (C // groups, KH * KW * Og), dtype=g.dtype)
-            for lo, hi in chunks:
-                cols = _gather(windows, lo, hi, buf)      # (G, rows, KH*KW*O_g)
+
+            def work(lo, hi):
+                cols = _gather(windows, lo, hi)              # (G, rows, KH*KW*O_g)
                 rows = slice(lo * H * W, hi * H * W)
                 if need_x:
                     xp.matmul(cols, wmT, out=gxm[:, rows])
                 if need_w:
-                    gwm += self.xm[:, rows].swapaxes(1, 2) @ cols
+                    parts[index[lo, hi]] = self.xm[:, rows].swapaxes(1, 2) @ cols
+            for_chunks(work, chunks, g, size=N * H * W * KH * KW * Og * groups)
+            if need_w:
+                gwm = _sum_in_order(parts)
             if need_x:
                 gx = _rows_to_nchw(gxm, N, (H, W))
             if need_w:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..backend import backend_of
 from ..tensor import Function, is_grad_enabled
-from ._parallel import for_batch_chunks
+from ._parallel import for_batch_chunks, pooled
 
 
 def _rows(a):
@@ -100,6 +100,7 @@ class GroupNormActFn(Function):
     coefficients, output) independently, and the chunks run on the thread pool.
     """
 
+    @pooled
     def forward(self, x, *rest, num_groups, eps, has_shift, silu):
         xp = backend_of(x).xp
         N, C = x.shape[:2]
@@ -157,6 +158,7 @@ class GroupNormActFn(Function):
             self.saved = (x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, bool(affine), silu)
         return out_full
 
+    @pooled
     def backward(self, g):
         xp = backend_of(g).xp
         x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, has_affine, silu = self.saved

@@ -1,13 +1,17 @@
-"""Run elementwise work on NumPy arrays in batch chunks, on a small thread pool.
+"""Data parallelism inside an op: batch chunks of NumPy work on a small thread pool.
 
-NumPy's ufuncs are single-threaded but release the GIL in their inner loops, so splitting the batch
-axis over threads gives the elementwise parts of an op (normalisation, activation, col2im) the
-same cores that BLAS uses for the GEMMs, as PyTorch's intra-op parallelism does. Chunks are
-independent (each writes its own slice of the outputs), so results do not depend on the number of
-threads. Small arrays and non-NumPy backends (CuPy, the strict stand-in) run inline, unchunked.
+NumPy's ufuncs are single-threaded, and OpenBLAS's threads only help inside one GEMM. tinydiff's
+large ops (convolutions, group norm, swish) are instead split along the batch axis: each thread
+takes a contiguous run of sample chunks and does all of the op's work for them (gather, GEMM,
+scatter, normalise), with OpenBLAS set to one thread for the duration (two threads that each
+run single-threaded GEMMs on half the batch beat one thread running two-threaded GEMMs: no
+synchronisation inside the GEMMs, and the elementwise parts scale too). NumPy and OpenBLAS release
+the GIL while they work. Each chunk writes its own slice of the outputs; sums over the batch (a
+weight gradient) are kept per chunk and added in chunk order, so results do not depend on the
+number of threads. Small arrays and other backends (CuPy, the strict stand-in) run inline.
 
 The number of threads is ``TINYDIFF_NUM_THREADS`` if set, else the number of CPUs (at most 8);
-``set_num_threads(n)`` changes it (1 disables the pool).
+``set_num_threads(n)`` changes it (1: no pool, BLAS left alone).
 
 Memory. A training step allocates and frees the same large arrays (patch matrices, activations)
 every step. With glibc's default settings, arrays of a few MB are mmap'ed and returned to the
@@ -19,16 +23,22 @@ Set ``TINYDIFF_KEEP_FREED_MEMORY=0`` to leave the allocator alone.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-_state = {"threads": None, "pool": None, "malloc_tuned": False}
+_state = {"threads": None, "pool": None, "malloc_tuned": False, "blas": None, "blas_depth": 0,
+          "blas_saved": []}
+_blas_lock = threading.Lock()
+_local = threading.local()     # .busy: this thread is already running chunks (no nesting)
 MIN_ELEMENTS = 150_000       # below this an op runs inline: the pool's overhead (~50 us) would dominate
-CHUNK_BYTES = 4 << 20       # at most this many bytes of the op's main array per chunk
+CHUNK_BYTES = 4 << 20        # at most this many bytes of an elementwise op's main array per chunk
 
 
 def get_num_threads():
@@ -39,7 +49,7 @@ def get_num_threads():
 
 
 def set_num_threads(n):
-    """Use ``n`` threads for tinydiff's chunked elementwise work (1: no pool)."""
+    """Use ``n`` threads for tinydiff's batch-parallel work (1: no pool)."""
     n = max(1, int(n))
     if n != _state["threads"] and _state["pool"] is not None:
         _state["pool"].shutdown(wait=True)
@@ -51,7 +61,7 @@ def keep_freed_memory():
     """Ask glibc to reuse freed large blocks instead of returning them to the OS (see above).
     Returns True if the setting was applied (Linux with glibc), False otherwise."""
     if _state["malloc_tuned"] is not False:
-        return _state["malloc_tuned"]
+        return bool(_state["malloc_tuned"])
     _state["malloc_tuned"] = None
     if os.environ.get("TINYDIFF_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
         return False
@@ -65,6 +75,74 @@ def keep_freed_memory():
     return ok
 
 
+def _blas_controls():
+    """(get_num_threads, set_num_threads) of every OpenBLAS loaded in this process (found in
+    /proc/self/maps, as threadpoolctl does); empty where that is not possible."""
+    if _state["blas"] is not None:
+        return _state["blas"]
+    controls = []
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f
+                                if "openblas" in line.lower() and ".so" in line})
+        except OSError:
+            paths = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix in ("scipy_openblas", "openblas"):
+                for suffix in ("64_", ""):
+                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                    if get is not None and put is not None:
+                        get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                        controls.append((get, put))
+                        break
+                else:
+                    continue
+                break
+    _state["blas"] = controls
+    return controls
+
+
+@contextlib.contextmanager
+def single_threaded_blas():
+    """OpenBLAS limited to one thread per call inside the block (restored when the outermost
+    block exits). Two-threaded GEMMs leave OpenBLAS's worker spinning for a while afterwards,
+    which would take a core from the pool's threads, so every BLAS call of a tinydiff op runs in
+    here while the pool is in use."""
+    controls = _blas_controls()
+    with _blas_lock:
+        if _state["blas_depth"] == 0:
+            _state["blas_saved"] = [get() for get, _ in controls]
+            for _, put in controls:
+                put(1)
+        _state["blas_depth"] += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _state["blas_depth"] -= 1
+            if _state["blas_depth"] == 0:
+                for (_, put), n in zip(controls, _state["blas_saved"]):
+                    put(n)
+
+
+def pooled(method):
+    """Decorator for an op's forward/backward: on NumPy with more than one tinydiff thread, the
+    whole method runs with single-threaded OpenBLAS (the pool provides the parallelism)."""
+    @functools.wraps(method)
+    def wrapper(self, first, *args, **kwargs):
+        if type(first) is np.ndarray and get_num_threads() > 1:
+            with single_threaded_blas():
+                return method(self, first, *args, **kwargs)
+        return method(self, first, *args, **kwargs)
+    return wrapper
+
+
 def _pool():
     if _state["pool"] is None:
         _state["pool"] = ThreadPoolExecutor(max_workers=get_num_threads(),
@@ -72,37 +150,48 @@ def _pool():
     return _state["pool"]
 
 
-def for_batch_chunks(fn, like, n=None, block=True):
-    """Call ``fn(lo, hi)`` over chunks [lo, hi) of the leading (batch) axis of ``like``.
-
-    Chunks go to the thread pool when ``like`` is a large NumPy array; otherwise one call
-    ``fn(0, n)`` runs here. With ``block`` the chunks are also cut to about CHUNK_BYTES (cache
-    blocking); without it there is one chunk per thread. ``fn`` must only write its own rows of
-    its outputs.
-    """
-    n = like.shape[0] if n is None else n
-    if type(like) is not np.ndarray or like.size < MIN_ELEMENTS:
-        fn(0, n)
+def for_chunks(fn, bounds, like, size=None):
+    """Call ``fn(lo, hi)`` for every (lo, hi) in ``bounds``: inline when ``like`` (the op's main
+    array; ``size`` overrides its size as the measure of work) is small or not a NumPy array, else
+    on the pool, one contiguous run of chunks per thread, with OpenBLAS single-threaded. ``fn``
+    must only write its own outputs."""
+    size = like.size if size is None else size
+    if type(like) is not np.ndarray or size < MIN_ELEMENTS or getattr(_local, "busy", False):
+        for lo, hi in bounds:
+            fn(lo, hi)
         return
     if _state["malloc_tuned"] is False:
         keep_freed_memory()
-    threads = get_num_threads()
-    per_row = max(1, like.nbytes // n)
-    rows = -(-n // threads)
-    if block:
-        rows = max(1, min(rows, CHUNK_BYTES // per_row))
-    bounds = [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
-    # split the chunks into one contiguous run per thread, so each thread walks its part in order
-    k = min(threads, len(bounds))
+    k = min(get_num_threads(), len(bounds))
+    if k <= 1:
+        for lo, hi in bounds:
+            fn(lo, hi)
+        return
     runs = [bounds[i * len(bounds) // k:(i + 1) * len(bounds) // k] for i in range(k)]
 
     def run(chunks):
-        for lo, hi in chunks:
-            fn(lo, hi)
-    if k == 1:
-        run(bounds)
+        _local.busy = True
+        try:
+            for lo, hi in chunks:
+                fn(lo, hi)
+        finally:
+            _local.busy = False
+    with single_threaded_blas():
+        futures = [_pool().submit(run, r) for r in runs[1:]]
+        try:
+            run(runs[0])                    # this thread takes the first run itself
+        finally:
+            for f in futures:
+                f.result()
+
+
+def for_batch_chunks(fn, like, n=None):
+    """``for_chunks`` over the leading (batch) axis of ``like``, cut into chunks of at most
+    CHUNK_BYTES (and at least one per thread)."""
+    n = like.shape[0] if n is None else n
+    if type(like) is not np.ndarray or like.size < MIN_ELEMENTS or n < 2 or getattr(_local, "busy", False):
+        fn(0, n)
         return
-    futures = [_pool().submit(run, r) for r in runs[1:]]
-    run(runs[0])                    # this thread takes the first run itself
-    for f in futures:
-        f.result()
+    per_row = max(1, like.nbytes // n)
+    rows = max(1, min(-(-n // get_num_threads()), CHUNK_BYTES // per_row))
+    for_chunks(fn, [(lo, min(n, lo + rows)) for lo in range(0, n, rows)], like)

@@ -26,7 +26,7 @@ from ._attention import ScaledDotProductAttentionFn
 from ._misc import (AvgPool2dFn, DropoutFn, EmbeddingFn, GeluFn, UpsampleNearestFn, default_rng,
                     dropout_mask, nearest_index)
 from ._norm import GroupNormActFn, LayerNormFn
-from ._parallel import for_batch_chunks
+from ._parallel import for_batch_chunks, pooled
 
 __all__ = ["linear", "conv2d", "conv_transpose2d", "group_norm", "group_norm_silu", "layer_norm", "silu",
            "gelu", "dropout", "avg_pool2d", "interpolate", "upsample", "embedding",
@@ -77,6 +77,7 @@ def _check_float(t, op):
 class LinearFn(Function):
     """y = x W^T + b over the last axis of x; x may have any number of leading axes."""
 
+    @pooled
     def forward(self, x, w, b=None):
         self.x2 = x.reshape(-1, x.shape[-1])
         self.w = w
@@ -85,6 +86,7 @@ class LinearFn(Function):
             y += b
         return y.reshape(x.shape[:-1] + (w.shape[0],))
 
+    @pooled
     def backward(self, g):
         g2 = g.reshape(-1, g.shape[-1])
         gx = (g2 @ self.w).reshape(g.shape[:-1] + (self.w.shape[1],)) if self.needs_grad[0] else None
