@@ -77,11 +77,23 @@ def _scatter(cols, out, in_hw, kernel, stride, dilation):
     n, G, Cg = out.shape[0], out.shape[3], out.shape[4]
     (IH, IW), (KH, KW), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
     c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)   # a view
-    out.fill(0)
+    # With no dilation and a kernel at least as large as the stride, the taps ki < sh, kj < sw
+    # cover the positions below (sh*IH, sw*IW) exactly once each: write those instead of
+    # zero-filling and adding, and zero only the strips beyond.
+    first = (dh == 1 and dw == 1 and KH >= sh and KW >= sw)
+    if first:
+        out[:, sh * IH:].fill(0)
+        out[:, :sh * IH, sw * IW:].fill(0)
+    else:
+        out.fill(0)
     for ki in range(KH):
         rows = slice(ki * dh, ki * dh + sh * (IH - 1) + 1, sh)
         for kj in range(KW):
-            out[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw] += c[:, :, :, ki, kj]
+            target = out[:, rows, kj * dw: kj * dw + sw * (IW - 1) + 1: sw]
+            if first and ki < sh and kj < sw:
+                target[...] = c[:, :, :, ki, kj]
+            else:
+                target += c[:, :, :, ki, kj]
 
 
 def _sum_in_order(parts):
