@@ -139,14 +139,23 @@ def sync_all(backend, device):
         torch.cuda.synchronize()
 
 
+GAP_S = 0.03
+
+
 def interleaved(fns, repeats, warmup, sync):
     """Run the callables in turn, ``repeats`` rounds (order alternating each round), after
-    ``warmup`` untimed rounds. Returns one list of seconds per callable."""
+    ``warmup`` untimed rounds. Returns one list of seconds per callable.
+
+    Before each timed call the process sleeps GAP_S (untimed): PyTorch's OpenMP threads keep
+    spinning for a while after its parallel regions, and without the pause they would take a core
+    from whatever runs next (the other framework's step). OpenBLAS's workers, which spin the same
+    way, stay idle here: tinydiff's ops run BLAS single-threaded when its pool is in use."""
     times = [[] for _ in fns]
     for r in range(warmup + repeats):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             sync()
+            time.sleep(GAP_S)
             t0 = time.perf_counter()
             fns[i]()
             sync()
@@ -364,9 +373,13 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for both NumPy's BLAS and PyTorch (default: all cores)")
+    ap.add_argument("--gap-ms", type=float, default=30.0,
+                    help="untimed pause before each timed call (lets spinning thread pools idle)")
     ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")
     ap.add_argument("--ops-only", action="store_true", help="only the per-op table")
     args = ap.parse_args(argv)
+    global GAP_S
+    GAP_S = args.gap_ms / 1e3
     backend = td.get_backend(args.backend)
     if torch is not None and args.threads:
         torch.set_num_threads(args.threads)

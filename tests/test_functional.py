@@ -411,7 +411,7 @@ def test_threaded_chunks_give_the_same_results(monkeypatch):
     """The NumPy fast path splits large ops into batch chunks (GEMM chunks, and elementwise chunks
     on a thread pool); forcing those paths on small inputs must give bit-identical values and
     gradients with and without the pool, and agree with the whole-batch computation."""
-    from tinydiff.nn import _conv, _parallel
+    from tinydiff.nn import _conv, _norm, _parallel
     rng = np.random.default_rng(0)
     x, w, wt = rng.standard_normal((5, 4, 9, 8)), rng.standard_normal((6, 4, 3, 3)), rng.standard_normal((4, 3, 3, 3))
     shift, gam, bet = rng.standard_normal((5, 6)), rng.standard_normal(6), rng.standard_normal(6)
@@ -426,19 +426,30 @@ def test_threaded_chunks_give_the_same_results(monkeypatch):
         return [out.numpy()] + [t.grad for t in ts]
 
     monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 10**12)
+    monkeypatch.setattr(_norm, "POOL_MIN_ELEMENTS", 10**12)
     whole = run()
     monkeypatch.setattr(_conv, "GEMM_CHUNK_BYTES", 1)              # one sample per GEMM chunk
     inline = run()
     for a, b in zip(whole, inline):                                # summation order differs
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(_parallel, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_norm, "POOL_MIN_ELEMENTS", 0)
     monkeypatch.setattr(_parallel, "CHUNK_BYTES", 1)             # one sample per chunk
     before = _parallel.get_num_threads()
     _parallel.set_num_threads(3)
+    submitted = []
+    real_pool = _parallel._pool
+
+    class CountingPool:
+        def submit(self, *a):
+            submitted.append(a)
+            return real_pool().submit(*a)
+    monkeypatch.setattr(_parallel, "_pool", CountingPool)
     try:
         chunked = run()
     finally:
         _parallel.set_num_threads(before)
+    assert len(submitted) > 10                                     # the pool really ran chunks
     for a, b in zip(inline, chunked):
         np.testing.assert_array_equal(a, b)
 

@@ -41,7 +41,7 @@ def _per_group(a, groups):
 
 
 def _moments_to_affine(mean_c, within, shift, gamma, beta, groups, S, eps):
-    """Per-sample statistics (float64, small arrays) -> y = x a + b coefficients (n, G, C/G) and
+    """Per-sample statistics (small arrays) -> y = x a + b coefficients (n, G, C/G) and
     what the backward needs. mean_c: (n, C) channel means of x; within: (n, C) sums over the S
     positions of (x - mean_c)^2."""
     xp = backend_of(mean_c).xp
@@ -58,7 +58,7 @@ def _moments_to_affine(mean_c, within, shift, gamma, beta, groups, S, eps):
 
 
 def _backward_coefficients(sum_d, sum_dx, rstd, shift_minus_mu, gamma, groups, S):
-    """From a = sum_s dL/dy and b = sum_s dL/dy x (float64, (n, C)): dx = dL/dy P + x Q + R with
+    """From a = sum_s dL/dy and b = sum_s dL/dy x ((n, C) arrays): dx = dL/dy P + x Q + R with
     P, Q, R of shape (n, G, C/G), and sum_s dL/dy xhat (for the weight gradient)."""
     a_c, b_c = _per_group(sum_d, groups), _per_group(sum_dx, groups)
     xhat_term = b_c + shift_minus_mu * a_c                              # sum_s dL/dy (x + shift - mu)
@@ -72,14 +72,17 @@ def _backward_coefficients(sum_d, sum_dx, rstd, shift_minus_mu, gamma, groups, S
     return p, xp.broadcast_to(q, p.shape), xp.broadcast_to(r, p.shape), rstd * xhat_term
 
 
+POOL_MIN_ELEMENTS = 400_000   # smaller maps: per-chunk statistics cost more than a second thread saves
+
+
 class GroupNormActFn(Function):
     """[silu](group_norm(x + shift[:, :, None, None])) in one op; shift (N, C) optional, weight and
     bias (C,) together or not at all. GroupNorm alone is the same op with ``silu=False``.
 
     Statistics come from per-(sample, channel) moments of z = x - x_0 (x_0: the channel's value at
     the first position, so that z has a mean of the order of its spread), S1 = sum_s z and
-    S2 = sum_s z^2 (GEMMs with a ones vector), combined in float64 on the small (N, C) arrays; the
-    shift enters analytically, with mean_c = x_0 + S1 / S:
+    S2 = sum_s z^2 (GEMMs with a ones vector), combined on the small (N, C) arrays; the shift
+    enters analytically, with mean_c = x_0 + S1 / S:
 
         mu_g  = mean_{c in g} (mean_c + shift_c)
         var_g = (1/m) sum_{c in g} [(S2_c - S1_c^2 / S) + S (mean_c + shift_c - mu_g)^2]
@@ -104,21 +107,21 @@ class GroupNormActFn(Function):
     def forward(self, x, *rest, num_groups, eps, has_shift, silu):
         xp = backend_of(x).xp
         N, C = x.shape[:2]
-        G, dt, f64 = num_groups, x.dtype, xp.float64
+        G, dt = num_groups, x.dtype
         shift, affine = (rest[0], rest[1:]) if has_shift else (None, rest)
-        shift = None if shift is None else shift.astype(f64)
+        shift = None if shift is None else shift.astype(dt, copy=False)
         v = _rows(x)                                           # (N, S, C)
         S = v.shape[1]
-        gamma = (affine[0].astype(f64) if affine else xp.ones((C,), dtype=f64)).reshape(1, G, C // G)
-        beta = affine[1].astype(f64).reshape(1, G, C // G) if affine else 0.0
+        gamma = (affine[0].astype(dt, copy=False) if affine else xp.ones((C,), dtype=dt)).reshape(1, G, C // G)
+        beta = affine[1].astype(dt, copy=False).reshape(1, G, C // G) if affine else 0.0
         ones = xp.ones((1, 1, S), dtype=dt)
         need_grad = is_grad_enabled() and any(self.needs_grad)
         out_full, out = _new_rows(x)
         scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then u = y/2
         dsilu = xp.empty(v.shape, dtype=dt) if (silu and need_grad) else None
-        s1 = xp.empty((N, C), dtype=f64)
-        rstd = xp.empty((N, G, 1), dtype=f64)
-        smm = xp.empty((N, G, C // G), dtype=f64)
+        s1 = xp.empty((N, C), dtype=dt)
+        rstd = xp.empty((N, G, 1), dtype=dt)
+        smm = xp.empty((N, G, C // G), dtype=dt)
         scale = 0.5 if silu else 1.0                           # silu works on u = y/2
 
         def chunk(lo, hi):
@@ -127,17 +130,17 @@ class GroupNormActFn(Function):
             # the sums of squares do not cancel catastrophically when |mean| >> std
             first = vs[:, :1, :]
             xp.subtract(vs, first, out=sq)
-            c1 = xp.matmul(ones, sq)[:, 0].astype(f64)
+            c1 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
             sq *= sq
-            c2 = xp.matmul(ones, sq)[:, 0].astype(f64)
-            first = first[:, 0, :].astype(f64)
+            c2 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
+            first = first[:, 0, :].astype(dt, copy=False)
             mean_c = first + c1 * (1.0 / S)
             within = xp.maximum(c2 - c1 * c1 * (1.0 / S), 0.0)
             a, b, r, m = _moments_to_affine(mean_c, within, None if shift is None else shift[lo:hi],
                                             gamma, beta, G, S, eps)
             s1[lo:hi], rstd[lo:hi], smm[lo:hi] = mean_c * S, r, m
-            a = (a * scale).reshape(hi - lo, 1, C).astype(dt)
-            b = (b * scale).reshape(hi - lo, 1, C).astype(dt)
+            a = (a * scale).reshape(hi - lo, 1, C).astype(dt, copy=False)
+            b = (b * scale).reshape(hi - lo, 1, C).astype(dt, copy=False)
             if not silu:
                 xp.multiply(vs, a, out=os_)
                 os_ += b
@@ -153,7 +156,7 @@ class GroupNormActFn(Function):
                 d += 1
             t *= u                                             # silu(y) = u + u t
             t += u
-        for_batch_chunks(chunk, v)
+        for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
         if need_grad:
             self.saved = (x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, bool(affine), silu)
         return out_full
@@ -163,15 +166,15 @@ class GroupNormActFn(Function):
         xp = backend_of(g).xp
         x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, has_affine, silu = self.saved
         N, C = x.shape[:2]
-        dt, f64 = x.dtype, xp.float64
+        dt = x.dtype
         v, gv = _rows(x), _rows(g)
         ones = xp.ones((1, 1, S), dtype=dt)
         gx_full, gx = _new_rows(x)
         prod = xp.empty(v.shape, dtype=dt)
         half = 0.5 if silu else 1.0
-        sum_d = xp.empty((N, C), dtype=f64)
-        wterm = xp.empty((N, G, C // G), dtype=f64)
-        p_all, q_all, r_all = (xp.empty((N, G, C // G), dtype=f64) for _ in range(3))
+        sum_d = xp.empty((N, C), dtype=dt)
+        wterm = xp.empty((N, G, C // G), dtype=dt)
+        p_all, q_all, r_all = (xp.empty((N, G, C // G), dtype=dt) for _ in range(3))
 
         def chunk(lo, hi):
             d, ps = gx[lo:hi], prod[lo:hi]                     # d: 2 dL/dy (silu) or dL/dy
@@ -180,27 +183,27 @@ class GroupNormActFn(Function):
             else:
                 d[...] = gv[lo:hi]
             xp.multiply(d, v[lo:hi], out=ps)
-            a = xp.matmul(ones, d)[:, 0].astype(f64) * half
-            b = xp.matmul(ones, ps)[:, 0].astype(f64) * half
+            a = xp.matmul(ones, d)[:, 0].astype(dt, copy=False) * half
+            b = xp.matmul(ones, ps)[:, 0].astype(dt, copy=False) * half
             p, q, r, w = _backward_coefficients(a, b, rstd[lo:hi], smm[lo:hi], gamma, G, S)
             sum_d[lo:hi], wterm[lo:hi] = a, w
             p_all[lo:hi], q_all[lo:hi], r_all[lo:hi] = p, q, r
             n = hi - lo
-            d *= (p * half).reshape(n, 1, C).astype(dt)        # dx = dL/dy P + x Q + R, in place
-            xp.multiply(v[lo:hi], q.reshape(n, 1, C).astype(dt), out=ps)
+            d *= (p * half).reshape(n, 1, C).astype(dt, copy=False)        # dx = dL/dy P + x Q + R, in place
+            xp.multiply(v[lo:hi], q.reshape(n, 1, C).astype(dt, copy=False), out=ps)
             d += ps
-            d += r.reshape(n, 1, C).astype(dt)
-        for_batch_chunks(chunk, v)
+            d += r.reshape(n, 1, C).astype(dt, copy=False)
+        for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
 
         grads = [gx_full]
         if has_shift:
             a_c = _per_group(sum_d, G)
             gshift = (p_all * a_c + q_all * _per_group(s1, G) + r_all * S).reshape(N, C)
-            grads.append(gshift.astype(dt) if self.needs_grad[1] else None)
+            grads.append(gshift.astype(dt, copy=False) if self.needs_grad[1] else None)
         if has_affine:
             k = 2 if has_shift else 1
-            grads.append(wterm.reshape(N, C).sum(axis=0).astype(dt) if self.needs_grad[k] else None)
-            grads.append(sum_d.sum(axis=0).astype(dt) if self.needs_grad[k + 1] else None)
+            grads.append(wterm.reshape(N, C).sum(axis=0).astype(dt, copy=False) if self.needs_grad[k] else None)
+            grads.append(sum_d.sum(axis=0).astype(dt, copy=False) if self.needs_grad[k + 1] else None)
         return tuple(grads)
 
 

@@ -150,13 +150,14 @@ def _pool():
     return _state["pool"]
 
 
-def for_chunks(fn, bounds, like, size=None):
+def for_chunks(fn, bounds, like, size=None, min_size=None):
     """Call ``fn(lo, hi)`` for every (lo, hi) in ``bounds``: inline when ``like`` (the op's main
     array; ``size`` overrides its size as the measure of work) is small or not a NumPy array, else
     on the pool, one contiguous run of chunks per thread, with OpenBLAS single-threaded. ``fn``
     must only write its own outputs."""
     size = like.size if size is None else size
-    if type(like) is not np.ndarray or size < MIN_ELEMENTS or getattr(_local, "busy", False):
+    min_size = MIN_ELEMENTS if min_size is None else min_size
+    if type(like) is not np.ndarray or size < min_size or getattr(_local, "busy", False):
         for lo, hi in bounds:
             fn(lo, hi)
         return
@@ -185,13 +186,14 @@ def for_chunks(fn, bounds, like, size=None):
                 f.result()
 
 
-def for_batch_chunks(fn, like, n=None):
+def for_batch_chunks(fn, like, n=None, min_size=None):
     """``for_chunks`` over the leading (batch) axis of ``like``, cut into chunks of at most
     CHUNK_BYTES (and at least one per thread)."""
     n = like.shape[0] if n is None else n
-    if type(like) is not np.ndarray or like.size < MIN_ELEMENTS or n < 2 or getattr(_local, "busy", False):
+    min_size = MIN_ELEMENTS if min_size is None else min_size
+    if type(like) is not np.ndarray or like.size < min_size or n < 2 or getattr(_local, "busy", False):
         fn(0, n)
         return
     per_row = max(1, like.nbytes // n)
     rows = max(1, min(-(-n // get_num_threads()), CHUNK_BYTES // per_row))
-    for_chunks(fn, [(lo, min(n, lo + rows)) for lo in range(0, n, rows)], like)
+    for_chunks(fn, [(lo, min(n, lo + rows)) for lo in range(0, n, rows)], like, min_size=min_size)
