@@ -35,13 +35,16 @@ GEMM_CHUNK_BYTES = 2 << 20     # patch-matrix bytes per chunk on NumPy
 
 
 def _batch_chunks(like, n, row_bytes):
-    """[lo, hi) ranges over the batch: the whole batch off NumPy, else ~GEMM_CHUNK_BYTES each
-    (at least one chunk per thread). They depend only on the sizes, never on the thread count
-    beyond that, so that sums over chunks are reproducible."""
+    """[lo, hi) ranges over the batch: the whole batch off NumPy, else about GEMM_CHUNK_BYTES of
+    patches each, their number a multiple of the thread count and their sizes within one sample
+    of each other (so the threads get equal work). Sums over chunks are reproducible for a given
+    number of threads."""
     if type(like) is not np.ndarray:
         return [(0, n)]
-    rows = max(1, min(GEMM_CHUNK_BYTES // max(1, row_bytes), -(-n // get_num_threads())))
-    return [(lo, min(n, lo + rows)) for lo in range(0, n, rows)]
+    threads = get_num_threads()
+    k = max(1, -(-(n * row_bytes) // GEMM_CHUNK_BYTES))
+    k = min(n, -(-k // threads) * threads)
+    return [(n * i // k, n * (i + 1) // k) for i in range(k)]
 
 
 def _windows(a, kernel, out_hw, stride, dilation, groups):
