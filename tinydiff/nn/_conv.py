@@ -17,11 +17,13 @@ conv_transpose2d:  cols[m, (k, o)] = sum_c x[m, c] Wm[c, (k, o)]; out = col2im(c
 The transposed convolution is the adjoint of the convolution's input gradient, so the two share
 the gather (im2col) and scatter-add (col2im) steps with their roles swapped.
 
-Blocking. On NumPy the batch is processed in chunks of a few samples: gather the chunk's patches
-into a reused buffer of about 2 MB, GEMM, scatter; the patch matrix never exists whole, stays in
-cache between the gather and the GEMM, and the backward pass re-gathers it (cheap) instead of
-keeping it from the forward pass (memory). The weight gradient sums the chunks' GEMMs. CuPy and
-the strict stand-in take the whole batch as one chunk (one large GEMM suits a GPU).
+Blocking and threads. On NumPy the batch is processed in chunks of a few samples: gather the
+chunk's patches (about 2 MB), GEMM, scatter; the patch matrix never exists whole, stays in cache
+between the gather and the GEMM, and the backward pass re-gathers it (cheap) instead of keeping it
+from the forward pass (memory). Chunks run on tinydiff's thread pool, each thread doing whole
+chunks with single-threaded BLAS (see _parallel.py); the weight gradient is summed over the chunks'
+GEMMs in chunk order. CuPy and the strict stand-in take the whole batch as one chunk (one large GEMM
+suits a GPU).
 """
 from __future__ import annotations
 
