@@ -101,6 +101,14 @@ def _scatter(cols, out, in_hw, kernel, stride, dilation):
                 target += c[:, :, :, ki, kj]
 
 
+def _matmul_into(a, b, out):
+    """out[...] = a @ b; straight into ``out`` on NumPy (no temporary), by assignment elsewhere."""
+    if type(out) is np.ndarray:
+        np.matmul(a, b, out=out)
+    else:
+        out[...] = backend_of(a).xp.matmul(a, b)
+
+
 def _sum_in_order(parts):
     """Sum of per-chunk arrays in chunk order (reproducible whatever the threads did)."""
     total = parts[0]
@@ -170,7 +178,7 @@ class Conv2dFn(Function):
         chunks = _batch_chunks(x, N, OH * OW * KH * KW * Cg * groups * x.itemsize)
 
         def work(lo, hi):
-            xp.matmul(_gather(windows, lo, hi), wm, out=y[:, lo * OH * OW:hi * OH * OW])
+            _matmul_into(_gather(windows, lo, hi), wm, y[:, lo * OH * OW:hi * OH * OW])
         for_chunks(work, chunks, y, size=N * OH * OW * KH * KW * C)
         if b is not None:
             y += b.reshape(groups, 1, O // groups)
@@ -271,7 +279,7 @@ class ConvTranspose2dFn(Function):
                 cols = _gather(windows, lo, hi)              # (G, rows, KH*KW*O_g)
                 rows = slice(lo * H * W, hi * H * W)
                 if need_x:
-                    xp.matmul(cols, wmT, out=gxm[:, rows])
+                    _matmul_into(cols, wmT, gxm[:, rows])
                 if need_w:
                     parts[index[lo, hi]] = self.xm[:, rows].swapaxes(1, 2) @ cols
             for_chunks(work, chunks, g, size=N * H * W * KH * KW * Og * groups)
