@@ -476,3 +476,21 @@ def test_conv_many_channels_matches_torch(transposed):
     x, w, b = _conv_inputs(td.get_backend("numpy"), c, transposed)
     _check_against_torch(_conv_fn(c, transposed, F), _conv_fn(c, transposed, torch.nn.functional),
                          [x, w, b], seed=5)
+
+
+def test_blas_thread_count_is_restored():
+    """The pool holds OpenBLAS at one thread only while tinydiff's ops run."""
+    from tinydiff.nn import _parallel
+    controls = _parallel._blas_controls()
+    if not controls:
+        pytest.skip("no OpenBLAS control found in this process")
+    before = [get() for get, _ in controls]
+    x = td.Tensor(np.ones((64, 16, 20, 20), np.float32), requires_grad=True)
+    w = td.Tensor(np.ones((16, 16, 3, 3), np.float32), requires_grad=True)
+    F.conv2d(x, w).sum().backward()
+    assert [get() for get, _ in controls] == before
+    with _parallel.single_threaded_blas():
+        with _parallel.single_threaded_blas():
+            assert all(get() == 1 for get, _ in controls)
+        assert all(get() == 1 for get, _ in controls)
+    assert [get() for get, _ in controls] == before
