@@ -103,7 +103,7 @@ def test_train_outputs_resume_and_sample_only(example, mnist_root, tmp_path, cap
     # a resume that changes the trajectory is refused with the difference named
     capsys.readouterr()
     assert example.main(["--out", str(out), "--resume", "--lr", "0.5", "--data", mnist_root]) == 1
-    assert "lr: checkpoint 0.001, now 0.5" in capsys.readouterr().err
+    assert f"lr: checkpoint {example.RECIPES['fast']['lr']}, now 0.5" in capsys.readouterr().err
     assert example.main(["--out", str(tmp_path / "none"), "--sample-only"]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
 
