@@ -255,7 +255,8 @@ def class_coverage(images, classifier, num_samples, seed=0, batch_size=500):
     k = classifier.num_classes
     hist = np.bincount(pred, minlength=k)
     p = hist[hist > 0] / hist.sum()
-    return ClassCoverage(hist, float(-(p * np.log2(p)).sum()), math.log2(k), int((hist > 0).sum()))
+    entropy = max(0.0, float(-(p * np.log2(p)).sum()))   # max(): no '-0.000' for a single class
+    return ClassCoverage(hist, entropy, math.log2(k), int((hist > 0).sum()))
 
 
 # -- reference points ---------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def noise_images(like, seed=0):
     return np.random.default_rng(seed).random(x.shape, dtype=np.float32)
 
 
-def blur_images(images, sigma=1.5):
+def blur_images(images, sigma=1.0):
     """Gaussian blur of each image over H and W (the 'blurred test set' ceiling)."""
     x = prepare_images(images)
     return scipy.ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), mode="constant")
@@ -280,13 +281,16 @@ def add_noise(images, std, seed=0):
 
 
 def reference_distances(train_images, test_images, classifier, num_samples, seed=0,
-                        blur_sigma=1.5, batch_size=500):
+                        blur_sigma=1.0, batch_size=500):
     """The Fréchet distances every score should be printed beside, measured with the same code,
     count, classifier and seed:
 
     - ``train_vs_test``: the floor (a perfect model's samples are another draw from the data);
-    - ``test_vs_blurred``: test against a blurred copy of itself (a visibly worse 'model');
-    - ``test_vs_noise``: test against uniform noise (the ceiling).
+    - ``test_vs_blurred``: test against a copy blurred with a Gaussian of ``blur_sigma`` pixels
+      (a visibly worse 'model': digits that are all there but soft);
+    - ``test_vs_noise``: test against uniform noise (a model that learned nothing).
+    The two ceilings are not ordered: noise images sit in a tight cluster of features, so a
+    strong blur can score worse than noise.
     """
     test = select(test_images, num_samples, seed + 1, name="test_images")
     fd = lambda a, b: frechet_classifier_distance(a, b, classifier, num_samples, seed, batch_size)  # noqa: E731

@@ -29,7 +29,7 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # SHA-256 of the shipped weight files; examples/train_classifier.py prints the new value when it
 # re-creates one (paste it here after checking the accuracy it reports).
 SHIPPED_SHA256 = {
-    "mnist": None,
+    "mnist": "fb622b59bace891efc995a9eea1b30247474f6ba9269a0b5008e5021a70fe16f",
     "fashion-mnist": None,
 }
 
@@ -192,7 +192,7 @@ def load_classifier(dataset=None, path=None, backend="numpy", sha256=None):
                 f"no shipped classifier for {dataset!r} (shipped: {sorted(SHIPPED_SHA256)}); train "
                 "one with examples/train_classifier.py and pass path=")
         path, sha256 = shipped_weights_path(want), SHIPPED_SHA256[want]
-        if not os.path.exists(path):
+        if not os.path.exists(path) or sha256 is None:
             raise ClassifierWeightsError(f"the shipped weights {path} are missing; re-create them "
                                          f"with `python3 examples/train_classifier.py --dataset {want}`")
     if not os.path.exists(path):
