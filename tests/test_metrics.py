@@ -151,3 +151,214 @@ def test_non_finite_features():
     f[0, 0] = np.nan
     with pytest.raises(MetricError, match="NaN"):
         metrics.frechet_distance(f, np.ones((5, 2)))
+
+
+# -- classifier features: images in, numbers out ------------------------------------------------------
+
+from conftest import data_dir  # noqa: E402
+
+import tinydiff as td  # noqa: E402
+from tinydiff import data, nn  # noqa: E402
+from tinydiff.models import classifier as clf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    nn.manual_seed(0)
+    return clf.Classifier(channels=(4, 8, 8), feature_dim=8, dataset="mnist")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return clf.load_classifier("mnist")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """600 real MNIST test digits when the data is here, else 600 synthetic stroke images."""
+    if data_dir() is not None:
+        x, y = data.load_dataset("mnist", "test", root=data_dir(), limit=600, verbose=False)
+        return x, y
+    rng = np.random.default_rng(0)
+    x = np.zeros((600, 28, 28), np.uint8)
+    y = rng.integers(0, 10, 600)
+    for i, c in enumerate(y):                       # a bar whose angle depends on the class
+        t = np.linspace(-9, 9, 40)
+        a = np.pi * c / 10 + rng.normal(0, 0.05)
+        r = np.clip(np.round(14 + t * np.sin(a)), 0, 27).astype(int)
+        q = np.clip(np.round(14 + t * np.cos(a)), 0, 27).astype(int)
+        x[i, r, q] = 255
+    return x, y
+
+
+def test_features_are_the_same_on_every_backend(backend, untrained, digits):
+    x = digits[0][:20]
+    ref = metrics.classifier_features(x, untrained)
+    other = clf.Classifier(channels=(4, 8, 8), feature_dim=8, dataset="mnist")
+    other.load_state_dict(untrained.state_dict())
+    got = metrics.classifier_features(backend.asarray(x), other.to(backend), batch_size=7)
+    assert got.shape == (20, 8) and isinstance(got, np.ndarray)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_uint8_and_float_images_give_the_same_features(untrained, digits):
+    x = digits[0][:10]
+    a = metrics.classifier_features(x, untrained)
+    b = metrics.classifier_features((x / 255.0).astype(np.float32)[:, None], untrained)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frechet_classifier_distance_zero_for_itself_and_symmetric(shipped, digits):
+    x = digits[0][:300]
+    assert metrics.frechet_classifier_distance(x, x, shipped, 300) == pytest.approx(0, abs=1e-6)
+    noisy = metrics.add_noise(x, 0.3)
+    ab = metrics.frechet_classifier_distance(x, noisy, shipped, 300)
+    ba = metrics.frechet_classifier_distance(noisy, x, shipped, 300)
+    assert ab > 0 and ab == pytest.approx(ba, rel=1e-6)
+
+
+def test_frechet_classifier_distance_grows_with_noise(shipped, digits):
+    x = digits[0][:300]
+    d = [metrics.frechet_classifier_distance(x, metrics.add_noise(x, s, seed=1), shipped, 300)
+         for s in (0.0, 0.1, 0.2, 0.4, 0.8)]
+    assert d[0] == pytest.approx(0, abs=1e-6)
+    assert all(a < b for a, b in zip(d, d[1:])), d
+
+
+def test_reference_points_are_ordered(shipped, digits):
+    x = digits[0]
+    ref = metrics.reference_distances(x[:300], x[300:], shipped, num_samples=300)
+    # two halves of one set are far closer than a blurred copy or noise
+    assert 5 * ref["train_vs_test"] < min(ref["test_vs_blurred"], ref["test_vs_noise"]), ref
+    blurred = [metrics.frechet_classifier_distance(metrics.blur_images(x[300:], s), x[300:], shipped, 300)
+               for s in (0.5, 1.0, 1.5)]
+    assert blurred[0] < blurred[1] < blurred[2] and blurred[1] == pytest.approx(ref["test_vs_blurred"])
+
+
+def test_conditional_accuracy_counts_the_asked_class(untrained, digits):
+    x = digits[0][:50]
+    pred = metrics.classifier_predict(x, untrained)
+    assert metrics.conditional_accuracy(x, pred, untrained, 50) == 1.0
+    assert metrics.conditional_accuracy(x, (pred + 1) % 10, untrained, 50) == 0.0
+    half = pred.copy()
+    half[:20] = (half[:20] + 1) % 10
+    assert metrics.conditional_accuracy(x, half, untrained, 50) == pytest.approx(30 / 50)
+
+
+def test_class_coverage_histogram_and_entropy(untrained, digits):
+    x = digits[0][:64]
+    cov = metrics.class_coverage(x, untrained, 64)
+    pred = metrics.classifier_predict(x, untrained)
+    np.testing.assert_array_equal(cov.histogram, np.bincount(pred, minlength=10))
+    p = np.bincount(pred) / 64
+    p = p[p > 0]
+    assert cov.entropy_bits == pytest.approx(-(p * np.log2(p)).sum())
+    assert cov.classes_covered == len(np.unique(pred)) and cov.max_entropy_bits == pytest.approx(np.log2(10))
+
+
+def test_shipped_classifier_sees_balanced_classes_in_real_digits(shipped, digits):
+    if data_dir() is None:
+        pytest.skip("real data sets not found")
+    x, y = digits
+    cov = metrics.class_coverage(x, shipped, 600)
+    assert cov.classes_covered == 10 and cov.normalized_entropy > 0.97
+    assert metrics.conditional_accuracy(x, y, shipped, 600) > 0.97
+
+
+def test_selection_is_seeded_and_sized(digits):
+    x, y = digits
+    a, b = metrics.select(x, 50, seed=3), metrics.select(x, 50, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, metrics.select(x, 50, seed=4))
+    np.testing.assert_array_equal(metrics.select(x, len(x), seed=9), x)
+
+
+def test_bits_per_dim_wraps_the_likelihood_ode():
+    # a closed-form Gaussian score model on 2x2 images; the wrapper must equal a direct call
+    from tinydiff import sampling
+    from tinydiff.sde import VESDE
+    sde, mu, v = VESDE(25.0), 0.5, 0.05
+
+    def score_model(x, t):
+        var = v + sde.marginal_std(t.data) ** 2
+        return (x - mu) * td.Tensor(-1.0 / var.reshape(-1, 1, 1, 1))
+
+    imgs = np.random.default_rng(0).integers(0, 256, (6, 2, 2)).astype(np.uint8)
+    mean, err = metrics.bits_per_dim_on_test_set(score_model, sde, imgs, 4, seed=1, batch_size=4)
+    x = metrics.prepare_images(metrics.select(imgs, 4, 1))
+    direct = sampling.bits_per_dim(score_model, x, sde, td.get_backend("numpy").default_rng(1))
+    assert mean == pytest.approx(direct.mean(), rel=1e-10)
+    assert err == pytest.approx(direct.std(ddof=1) / 2, rel=1e-10)
+
+
+# -- bad image input ---------------------------------------------------------------------------------
+
+def test_wrong_image_size_or_channels_is_a_clear_error(untrained, digits):
+    x = digits[0][:10]
+    with pytest.raises(MetricError, match=r"expects \(1, 28, 28\)"):
+        metrics.classifier_features(np.zeros((10, 32, 32), np.uint8), untrained)
+    with pytest.raises(MetricError, match=r"expects \(1, 28, 28\)"):
+        metrics.classifier_features(np.zeros((10, 3, 28, 28), np.float32), untrained)
+    with pytest.raises(MetricError, match="channels-last"):
+        metrics.classifier_features(np.zeros((10, 28, 28, 1), np.float32), untrained)
+    with pytest.raises(MetricError, match="differ in shape"):
+        metrics.frechet_classifier_distance(x, np.zeros((10, 1, 32, 32), np.float32), untrained, 10)
+    with pytest.raises(MetricError, match="expected"):
+        metrics.classifier_features(np.zeros((10, 28), np.uint8), untrained)
+
+
+def test_too_few_images_is_a_clear_error(untrained, digits):
+    x = digits[0][:10]
+    with pytest.raises(MetricError, match="at least 2 samples"):
+        metrics.frechet_classifier_distance(x, x, untrained, 1)
+    with pytest.raises(MetricError, match="20 samples asked for, only 10"):
+        metrics.frechet_classifier_distance(x, x, untrained, 20)
+    with pytest.raises(MetricError, match="10 images but 9"):
+        metrics.conditional_accuracy(x, np.zeros(9, int), untrained, 9)
+
+
+def test_non_finite_samples_are_a_clear_error(untrained):
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    x[0, 0, 0, 0] = np.nan
+    with pytest.raises(MetricError, match="NaN"):
+        metrics.classifier_features(x, untrained)
+
+
+# -- benchmarks/quality.py on a tiny checkpoint --------------------------------------------------------
+
+@pytest.mark.skipif(data_dir() is None, reason="real data sets not found")
+def test_quality_benchmark_prints_a_row_for_a_tiny_checkpoint(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    from tinydiff import optim, train
+    from tinydiff.models import ScoreNet
+    from tinydiff.sde import VESDE
+
+    sde = VESDE(25.0)
+    nn.manual_seed(0)
+    model = ScoreNet(sde.marginal_std, channels=(4, 8, 8, 8), embed_dim=16)
+    images = np.random.default_rng(0).integers(0, 256, (32, 28, 28)).astype(np.uint8)
+    config = {"sigma": 25.0, "channels": "4,8,8,8", "embed_dim": 16, "dataset": "mnist"}
+    train.Trainer(model, optim.Adam(model.parameters(), lr=1e-3), train.score_matching_loss(sde),
+                  images, out_dir=str(tmp_path), epochs=1, batch_size=16, config=config,
+                  progress=False).fit()
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "quality.py")
+    spec = importlib.util.spec_from_file_location("quality", path)
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    common = [str(tmp_path / "checkpoint.npz"), "--samples", "20", "--batch", "10", "--data", data_dir()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)    # 20 samples < 128 feature dimensions
+        capsys.readouterr()
+        fd = quality.main(common + ["--sampler", "pc", "--steps", "3", "--bpd", "2", "--header"])
+        out = capsys.readouterr().out.splitlines()
+        quality.main(common + ["--sampler", "ode", "--rtol", "1e-2"])
+        ode = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| data set | model | sampler")
+    row = [c.strip() for c in out[2].strip("|").split("|")]
+    assert row[0] == "mnist" and row[2] == "pc" and row[3] == "3 (6)" and row[4].startswith("20 ")
+    assert row[5].startswith(f"{fd:.2f} (") and "bits" in row[6] and "(n=2)" in row[7]
+    assert float(row[7].split()[0]) > 0
+    ode_row = [c.strip() for c in ode[0].strip("|").split("|")]
+    assert ode_row[2] == "ode" and ode_row[3].startswith("rtol 0.01 (") and ode_row[7] == "–"
