@@ -140,6 +140,7 @@ def sync_all(backend, device):
 
 
 GAP_S = 0.03
+INNER = 1   # calls per timed block: > 1 measures the steady state of a loop (no idle gap between)
 
 
 def interleaved(fns, repeats, warmup, sync):
@@ -157,10 +158,11 @@ def interleaved(fns, repeats, warmup, sync):
             sync()
             time.sleep(GAP_S)
             t0 = time.perf_counter()
-            fns[i]()
+            for _ in range(INNER):
+                fns[i]()
             sync()
             if r >= warmup:
-                times[i].append(time.perf_counter() - t0)
+                times[i].append((time.perf_counter() - t0) / INNER)
     return times
 
 
@@ -375,11 +377,14 @@ def main(argv=None):
                     help="threads for both NumPy's BLAS and PyTorch (default: all cores)")
     ap.add_argument("--gap-ms", type=float, default=30.0,
                     help="untimed pause before each timed call (lets spinning thread pools idle)")
+    ap.add_argument("--inner", type=int, default=1,
+                    help="back-to-back calls per timed block (time per call is reported); e.g. 5 "
+                         "measures a loop's steady state, as training and sampling run")
     ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")
     ap.add_argument("--ops-only", action="store_true", help="only the per-op table")
     args = ap.parse_args(argv)
-    global GAP_S
-    GAP_S = args.gap_ms / 1e3
+    global GAP_S, INNER
+    GAP_S, INNER = args.gap_ms / 1e3, max(1, args.inner)
     backend = td.get_backend(args.backend)
     if torch is not None and args.threads:
         torch.set_num_threads(args.threads)
