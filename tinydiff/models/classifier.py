@@ -31,6 +31,7 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 SHIPPED_SHA256 = {
     "mnist": "fb622b59bace891efc995a9eea1b30247474f6ba9269a0b5008e5021a70fe16f",
     "fashion-mnist": "30af7b224f63d08a2af6e7073e404a9a2cc55cdfc39883e4196f694a0ec65799",
+    "cifar-10": "59ccd0d1ab755d906c1dea6103ab3fbb1be57d952c893c28bd2d227f64d49daf",
 }
 
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
