@@ -22,8 +22,8 @@ from tinydiff.models import ScoreNet
 from tinydiff.sde import VESDE
 
 RECIPES = {   # 'reference' is the tutorial's recipe; 'fast' gives recognisable digits in ~4 epochs
-    "reference": dict(lr=1e-4, batch_size=32, epochs=50, warmup=0, ema=0.0, clip=None),
-    "fast": dict(lr=3e-3, batch_size=64, epochs=4, warmup=300, ema=0.999, clip=None),
+    "reference": dict(lr=1e-4, batch_size=32, epochs=50, warmup=0, ema=0.0, ema_warmup=False, clip=None),
+    "fast": dict(lr=3e-3, batch_size=64, epochs=4, warmup=300, ema=0.999, ema_warmup=True, clip=None),
 }
 DEFAULTS = dict(recipe="fast", backend="numpy", seed=0, sampler="em", sample_steps=500,
                 num_samples=64, sample_every=1, sigma=25.0, channels="32,64,128,256",
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     opt("--lr", type=float, help="peak learning rate of Adam")
     opt("--warmup", type=int, help="steps of linear learning-rate warm-up (0: none)")
     opt("--ema", type=float, help="decay of the EMA of the weights used for sampling (0: none)")
+    opt("--ema-warmup", type=lambda v: v.lower() in ("1", "true", "yes"), help="ramp the EMA "
+        "decay up as min(decay, (1+n)/(10+n)) so early grids are not averages of untrained weights")
     opt("--clip", type=float, help="max global gradient norm (default per recipe)")
     opt("--seed", type=int, help="seed of the initial weights, data order and noise (default 0)")
     opt("--sampler", choices=["em", "pc", "ode"], help="Euler-Maruyama (default), "
@@ -90,7 +92,8 @@ def run(args):
         opt = optim.Adam(model.parameters(), lr=config["lr"])
         n = config["warmup"]   # linear warm-up from lr / n to lr over n steps
         warmup = optim.linear_warmup(n, start_factor=1.0 / n) if n else optim.constant()
-        ema = optim.EMA(model, config["ema"]) if config["ema"] else None
+        ema = optim.EMA(model, config["ema"], warmup=config.get("ema_warmup", False)) \
+            if config["ema"] else None
         trainer = train.Trainer(
             model, opt, train.score_matching_loss(sde), images, out_dir=args.out,
             epochs=config["epochs"], batch_size=config["batch_size"], seed=config["seed"], ema=ema,
