@@ -35,7 +35,7 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     opt = lambda *a, **k: p.add_argument(*a, default=argparse.SUPPRESS, **k)   # noqa: E731
     opt("--recipe", choices=sorted(RECIPES), help="fast (default): warm-up over 300 steps to lr 3e-3, "
-        "batch 64, EMA 0.999, 4 epochs; reference: Adam lr 1e-4, batch 32, 50 epochs, no EMA")
+        "batch 64, EMA 0.999 with a ramp, 4 epochs; reference: Adam lr 1e-4, batch 32, 50 epochs, no EMA")
     opt("--backend", choices=["numpy", "cupy"], help="numpy = CPU (default), cupy = NVIDIA GPU")
     opt("--epochs", type=int, help="total epochs (a resumed run continues up to this)")
     opt("--batch-size", type=int, help="images per training step")
