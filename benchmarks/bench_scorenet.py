@@ -51,6 +51,7 @@ from tinydiff import nn  # noqa: E402
 from tinydiff.models import ScoreNet  # noqa: E402
 from tinydiff.optim import Adam  # noqa: E402
 from tinydiff.sde import VESDE, dsm_loss  # noqa: E402
+from tinydiff.testing.torch_reference import torch_scorenet as reference_torch_scorenet  # noqa: E402
 
 SIGMA = 25.0
 
@@ -63,59 +64,7 @@ except ImportError:  # the benchmark still times tinydiff alone
 # -- the same model in PyTorch (only for comparison; tinydiff never imports torch) ----------------
 
 def torch_scorenet(device):
-    tnn, tf = torch.nn, torch.nn.functional
-
-    class GFP(tnn.Module):
-        def __init__(self, d, scale=30.0):
-            super().__init__()
-            self.W = tnn.Parameter(torch.randn(d // 2) * scale, requires_grad=False)
-
-        def forward(self, t):
-            p = t[:, None] * self.W[None, :] * (2 * math.pi)
-            return torch.cat([torch.sin(p), torch.cos(p)], dim=-1)
-
-    class Dense(tnn.Module):
-        def __init__(self, i, o):
-            super().__init__()
-            self.dense = tnn.Linear(i, o)
-
-        def forward(self, x):
-            return self.dense(x)[..., None, None]
-
-    class Net(tnn.Module):
-        def __init__(self, ch=(32, 64, 128, 256), ed=256):
-            super().__init__()
-            self.embed = tnn.Sequential(GFP(ed), tnn.Linear(ed, ed))
-            self.conv1 = tnn.Conv2d(1, ch[0], 3, stride=1, bias=False)
-            self.dense1, self.gnorm1 = Dense(ed, ch[0]), tnn.GroupNorm(4, ch[0])
-            self.conv2 = tnn.Conv2d(ch[0], ch[1], 3, stride=2, bias=False)
-            self.dense2, self.gnorm2 = Dense(ed, ch[1]), tnn.GroupNorm(32, ch[1])
-            self.conv3 = tnn.Conv2d(ch[1], ch[2], 3, stride=2, bias=False)
-            self.dense3, self.gnorm3 = Dense(ed, ch[2]), tnn.GroupNorm(32, ch[2])
-            self.conv4 = tnn.Conv2d(ch[2], ch[3], 3, stride=2, bias=False)
-            self.dense4, self.gnorm4 = Dense(ed, ch[3]), tnn.GroupNorm(32, ch[3])
-            self.tconv4 = tnn.ConvTranspose2d(ch[3], ch[2], 3, stride=2, bias=False)
-            self.dense5, self.tgnorm4 = Dense(ed, ch[2]), tnn.GroupNorm(32, ch[2])
-            self.tconv3 = tnn.ConvTranspose2d(ch[2] * 2, ch[1], 3, stride=2, bias=False, output_padding=1)
-            self.dense6, self.tgnorm3 = Dense(ed, ch[1]), tnn.GroupNorm(32, ch[1])
-            self.tconv2 = tnn.ConvTranspose2d(ch[1] * 2, ch[0], 3, stride=2, bias=False, output_padding=1)
-            self.dense7, self.tgnorm2 = Dense(ed, ch[0]), tnn.GroupNorm(32, ch[0])
-            self.tconv1 = tnn.ConvTranspose2d(ch[0] * 2, 1, 3, stride=1)
-
-        def forward(self, x, t):
-            act = tf.silu
-            e = act(self.embed(t))
-            h1 = act(self.gnorm1(self.conv1(x) + self.dense1(e)))
-            h2 = act(self.gnorm2(self.conv2(h1) + self.dense2(e)))
-            h3 = act(self.gnorm3(self.conv3(h2) + self.dense3(e)))
-            h4 = act(self.gnorm4(self.conv4(h3) + self.dense4(e)))
-            h = act(self.tgnorm4(self.tconv4(h4) + self.dense5(e)))
-            h = act(self.tgnorm3(self.tconv3(torch.cat([h, h3], 1)) + self.dense6(e)))
-            h = act(self.tgnorm2(self.tconv2(torch.cat([h, h2], 1)) + self.dense7(e)))
-            h = self.tconv1(torch.cat([h, h1], 1))
-            return h / torch_marginal_std(t)[:, None, None, None]
-
-    return Net().to(device)
+    return reference_torch_scorenet(torch_marginal_std, device=device)
 
 
 def torch_marginal_std(t):
