@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tinydiff as td
-from tinydiff import data, train
+from tinydiff import cli, data, experiments, train
 from conftest import data_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,19 +103,31 @@ def test_train_outputs_resume_and_sample_only(example, mnist_root, tmp_path, cap
     # a resume that changes the trajectory is refused with the difference named
     capsys.readouterr()
     assert example.main(["--out", str(out), "--resume", "--lr", "0.5", "--data", mnist_root]) == 1
-    assert f"lr: checkpoint {example.RECIPES['fast']['lr']}, now 0.5" in capsys.readouterr().err
+    assert f"lr: checkpoint {experiments.RECIPES['fast']['lr']}, now 0.5" in capsys.readouterr().err
     assert example.main(["--out", str(tmp_path / "none"), "--sample-only"]) == 1
     assert "no checkpoint at" in capsys.readouterr().err
 
 
-def test_recipes_and_explicit_flags(example, tmp_path):
-    args = example.parse_args(["--recipe", "reference", "--out", str(tmp_path)])
-    config = example.build_config(args)
+def _config(argv, preset="mnist"):
+    """The configuration the example's flags resolve to (no checkpoint involved)."""
+    args = cli.train_parser("mnist_uncond.py", preset).parse_args(argv)
+    explicit = {k: v for k, v in vars(args).items() if k in experiments.DEFAULTS
+                or k in experiments.RECIPES["fast"] or k in experiments.PRESETS["mnist"]}
+    return experiments.resolve_config(explicit, default_preset=preset)
+
+
+def test_recipes_and_explicit_flags(tmp_path):
+    config = _config(["--recipe", "reference", "--out", str(tmp_path)])
     assert (config["lr"], config["batch_size"], config["ema"], config["warmup"]) == (1e-4, 32, 0.0, 0)
-    args = example.parse_args(["--recipe", "reference", "--lr", "3e-4", "--batch-size", "8"])
-    config = example.build_config(args)
+    config = _config(["--recipe", "reference", "--lr", "3e-4", "--batch-size", "8"])
     assert (config["lr"], config["batch_size"], config["recipe"]) == (3e-4, 8, "reference")
-    assert example.build_config(example.parse_args([]))["recipe"] == "fast"
+    fast = _config([])
+    assert fast["recipe"] == "fast" and fast["optimizer"] == "adam" and not fast["conditional"]
+    assert fast["attention"] == [] and fast["channels"] == [32, 64, 128, 256]
+    cond = _config([], preset="mnist-cond")
+    assert (cond["recipe"], cond["optimizer"], cond["schedule"], cond["conditional"]) == \
+        ("cond", "adamw", "cosine-then-constant", True)
+    assert cond["attention"] == [5, 2] and cond["clip"] == 1.0 and cond["p_uncond"] == 0.1
 
 
 def script(*args):

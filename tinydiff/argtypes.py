@@ -13,7 +13,7 @@ import os
 
 __all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "finite_float",
            "unit_interval", "half_open_unit", "int_list", "float_list", "positive_int_list",
-           "boolean", "out_dir", "existing_file", "existing_dir"]
+           "boolean", "out_dir", "existing_file", "existing_dir", "int_at_least", "float_above", "out_file"]
 
 
 def _fail(what, value):
@@ -158,3 +158,44 @@ def existing_dir(value):
         what = "is a file" if os.path.exists(str(value)) else "does not exist"
         raise argparse.ArgumentTypeError(f"{value!r} {what}; pass the path of a folder")
     return str(value)
+
+
+def int_at_least(k):
+    """A validator for integers >= k (e.g. sampler steps >= 2)."""
+    what = f"an integer >= {k}"
+
+    def check(value):
+        v = _int(value, what)
+        if v < k:
+            _fail(what, value)
+        return v
+    check.__name__ = f"int_at_least_{k}"
+    return check
+
+
+def float_above(k):
+    """A validator for finite numbers > k (e.g. the VE SDE's sigma > 1)."""
+    what = f"a finite number > {k:g}"
+
+    def check(value):
+        v = _float(value, what)
+        if v <= k:
+            _fail(what, value)
+        return v
+    check.__name__ = f"float_above_{k:g}"
+    return check
+
+
+def out_file(suffix):
+    """A validator for a file to write: ends with ``suffix``, is not a folder, and its folder
+    exists or can be created."""
+    def check(value):
+        value = str(value)
+        if not value.lower().endswith(suffix):
+            raise argparse.ArgumentTypeError(f"must be a {suffix} file name, got {value!r}")
+        if os.path.isdir(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is a folder; pass a {suffix} file name")
+        out_dir(os.path.dirname(os.path.abspath(value)))
+        return value
+    check.__name__ = f"out_file{suffix.replace('.', '_')}"
+    return check

@@ -118,3 +118,27 @@ def plot_losses(path, epoch_losses, step_losses=None, title="training loss", smo
         ax.set_xlim(0.5, max(len(e), 1) + 0.5)
     ax.grid(alpha=0.3)
     return _atomic_png(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+
+
+def plot_guidance_sweep(path, weights, accuracies, distances, floor=None, title="guidance sweep"):
+    """The quality/diversity trade-off of classifier-free guidance as a PNG: conditional accuracy
+    (left axis) and Fréchet distance (right axis, with its train-vs-test floor) against w."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    w = np.asarray(weights, np.float64)
+    ax.plot(w, 100 * np.asarray(accuracies, np.float64), marker="o", color="tab:blue")
+    ax.set_xlabel("guidance weight w")
+    ax.set_ylabel("conditional accuracy (%)", color="tab:blue")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    right.plot(w, distances, marker="s", color="tab:red")
+    if floor is not None:
+        right.axhline(floor, color="tab:red", ls=":", lw=1, label=f"floor (train vs test) {floor:.1f}")
+        right.legend(loc="upper center", fontsize="small")
+    right.set_ylabel("Fréchet distance", color="tab:red")
+    ax.set_title(title)
+    return _atomic_png(path, lambda p: fig.savefig(p, dpi=100, format="png"))

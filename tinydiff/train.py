@@ -107,12 +107,14 @@ def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null
 
 
 def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labels=None,
-                   eps=1e-3):
+                   eps=1e-3, guidance=0.0, nrow=None):
     """sample_fn(model, seed) -> host images in [0, 1], drawn with one of the samplers.
 
     sampler: "em" (Euler-Maruyama, eq. 2), "pc" (predictor-corrector) or "ode" (probability flow;
-    num_steps is ignored, the solver picks its steps). labels: host int array for conditional
-    models (None for unconditional).
+    num_steps is ignored, the solver picks its steps). labels: host int array (N,) for
+    conditional models (None for unconditional), sampled with classifier-free guidance weight
+    ``guidance``. ``nrow`` (images per grid row) is kept as ``sample_fn.nrow`` for the grids, and
+    the labels as ``sample_fn.labels``.
     """
     from . import sampling
 
@@ -122,8 +124,7 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
     def sample_fn(model, seed):
         be = model.backend
         y = None if labels is None else be.asarray(np.asarray(labels, np.int64))
-        score_fn = sampling.model_score_fn(model, labels=y) if y is not None else \
-            sampling.model_score_fn(model)
+        score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance if y is not None else 0.0)
         rng = be.default_rng(seed)
         if sampler == "em":
             x = sampling.euler_maruyama(score_fn, sde, shape, num_steps=num_steps, eps=eps,
@@ -134,13 +135,16 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
         else:
             x, _ = sampling.ode_sampler(score_fn, sde, shape, eps=eps, rng=rng, backend=be.name)
         return backend_of(x).to_host(x)
+    sample_fn.nrow = nrow
+    sample_fn.labels = None if labels is None else np.asarray(labels, np.int64)
     return sample_fn
 
 
 def sample_and_save(model, sample_fn, prefix, seed, ema=None, **info):
     """Draw samples (EMA weights if given, no_grad, eval mode) and write ``prefix``.png (a grid)
-    and ``prefix``.npz (``samples`` float32 (N, C, H, W) as drawn, unclipped, plus ``info``).
-    Returns the host samples."""
+    and ``prefix``.npz: ``images`` float32 (N, C, H, W) clipped to [0, 1] (what ``tinydiff sample``
+    writes), ``labels`` (N,) for conditional samples, ``samples`` as drawn (unclipped), plus
+    ``info``. Returns the host samples."""
     import contextlib
 
     model.eval()
@@ -149,8 +153,11 @@ def sample_and_save(model, sample_fn, prefix, seed, ema=None, **info):
             samples = np.asarray(sample_fn(model, seed), np.float32)
     finally:
         model.train()
-    _plot.save_image_grid(samples, prefix + ".png")
-    np.savez(prefix + ".npz", samples=samples, seed=seed, **info)
+    _plot.save_image_grid(samples, prefix + ".png", nrow=getattr(sample_fn, "nrow", None))
+    labels = getattr(sample_fn, "labels", None)
+    extra = {} if labels is None else {"labels": labels}
+    np.savez(prefix + ".npz", images=np.clip(samples, 0.0, 1.0), samples=samples, seed=seed,
+             **extra, **info)
     _say(f"{len(samples)} samples: {prefix}.png, {prefix}.npz")
     return samples
 
@@ -477,7 +484,7 @@ class Trainer:
     def sample_grid(self, path, seed):
         """Draw samples with sample_fn (EMA weights when available) and save them as a grid."""
         images = self.sample(seed)
-        return _plot.save_image_grid(images, path)
+        return _plot.save_image_grid(images, path, nrow=getattr(self.sample_fn, "nrow", None))
 
     def sample(self, seed):
         self.model.eval()

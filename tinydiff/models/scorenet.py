@@ -96,10 +96,20 @@ class ScoreNet(nn.Module):
         num_groups: GroupNorm groups of the four encoder stages, default (4, 32, 32, 32), and
         decoder_groups: of the three decoder norms, default 32; each is reduced to
             gcd(groups, channels) so that small test networks stay valid.
+        attention: the feature-map sizes (of 26, 12, 5, 2) after whose blocks a multi-head
+            self-attention block (``nn.SelfAttention2d``: x + proj(attention(qkv(GroupNorm(x)))))
+            is inserted, in the encoder and in the decoder, as DDPM's U-Net puts attention at its
+            low resolutions. () (the default) is the tutorial's model exactly; the conditional
+            preset uses (5, 2): after conv3 and conv4 (``attn3``, ``attn4``) and after tconv4
+            (``tattn4``).
+        num_heads: heads of each attention block (must divide its channels).
     """
 
+    STAGE_SIZES = {1: 26, 2: 12, 3: 5, 4: 2}   # encoder stage -> output size for 28x28 inputs
+
     def __init__(self, marginal_std, channels=(32, 64, 128, 256), embed_dim=256, in_channels=1,
-                 num_classes=None, num_groups=(4, 32, 32, 32), decoder_groups=32):
+                 num_classes=None, num_groups=(4, 32, 32, 32), decoder_groups=32, attention=(),
+                 num_heads=4):
         super().__init__()
         if len(channels) != 4 or len(num_groups) != 4:
             raise ValueError(f"ScoreNet: channels and num_groups need 4 entries, got {channels}, {num_groups}")
@@ -135,6 +145,35 @@ class ScoreNet(nn.Module):
         self.dense7 = Dense(embed_dim, c1)
         self.tgnorm2 = nn.GroupNorm(math.gcd(decoder_groups, c1), c1)
         self.tconv1 = nn.ConvTranspose2d(c1 + c1, in_channels, 3, stride=1)
+        self._add_attention(attention, num_heads)
+
+    def _add_attention(self, attention, num_heads):
+        """Self-attention blocks at the requested feature-map sizes: ``attn{i}`` after encoder
+        stage i, ``tattn{i}`` after tconv{i} (i = 4, 3, 2: the decoder's 5, 12, 26 maps)."""
+        sizes = set(self.STAGE_SIZES.values())
+        attention = tuple(sorted({int(a) for a in attention}, reverse=True))
+        bad = [a for a in attention if a not in sizes]
+        if bad:
+            raise ValueError(f"ScoreNet: attention sizes must be among {sorted(sizes)} (the feature "
+                             f"maps of a 28x28 input), got {bad}")
+        self.attention, self.num_heads = attention, num_heads
+        widths = dict(zip((1, 2, 3, 4), self.channels))
+        for stage, size in self.STAGE_SIZES.items():
+            if size in attention:
+                self._set_attention(f"attn{stage}", widths[stage], num_heads)
+                if stage < 4:   # the decoder block that outputs this size: tconv{stage+1}
+                    self._set_attention(f"tattn{stage + 1}", widths[stage], num_heads)
+
+    def _set_attention(self, name, channels, num_heads):
+        if channels % num_heads:
+            raise ValueError(f"ScoreNet: num_heads={num_heads} must divide the {channels} channels "
+                             f"of the attention block {name}")
+        setattr(self, name, nn.SelfAttention2d(channels, num_heads=num_heads))
+
+    def _attend(self, name, h):
+        """h through the attention block ``name`` when the model has one, else unchanged."""
+        block = self._modules.get(name)
+        return h if block is None else block(h)
 
     @property
     def null_label(self):
@@ -203,14 +242,18 @@ class ScoreNet(nn.Module):
         t = self._times(t, x)
         embed = self._time_embedding(t, y)
         # encoder: conv, + Dense(embed) per channel, GroupNorm, swish (one fused op)
-        h1 = _embed_norm_swish(self.conv1(x), self.dense1(embed), self.gnorm1)
-        h2 = _embed_norm_swish(self.conv2(h1), self.dense2(embed), self.gnorm2)
-        h3 = _embed_norm_swish(self.conv3(h2), self.dense3(embed), self.gnorm3)
-        h4 = _embed_norm_swish(self.conv4(h3), self.dense4(embed), self.gnorm4)
+        # (and self-attention after the blocks at the sizes in ``attention``)
+        h1 = self._attend("attn1", _embed_norm_swish(self.conv1(x), self.dense1(embed), self.gnorm1))
+        h2 = self._attend("attn2", _embed_norm_swish(self.conv2(h1), self.dense2(embed), self.gnorm2))
+        h3 = self._attend("attn3", _embed_norm_swish(self.conv3(h2), self.dense3(embed), self.gnorm3))
+        h4 = self._attend("attn4", _embed_norm_swish(self.conv4(h3), self.dense4(embed), self.gnorm4))
         # decoder with skip connections
         h = _embed_norm_swish(self.tconv4(h4), self.dense5(embed), self.tgnorm4)
+        h = self._attend("tattn4", h)
         h = _embed_norm_swish(self.tconv3(self._skip(h, h3)), self.dense6(embed), self.tgnorm3)
+        h = self._attend("tattn3", h)
         h = _embed_norm_swish(self.tconv2(self._skip(h, h2)), self.dense7(embed), self.tgnorm2)
+        h = self._attend("tattn2", h)
         h = self.tconv1(self._skip(h, h1))
         return h / self._std(t, h)                     # s(x, t) = h / std(t)
 
@@ -224,4 +267,5 @@ class ScoreNet(nn.Module):
 
     def extra_repr(self):
         return (f"channels={self.channels}, embed_dim={self.embed_dim}, in_channels={self.in_channels}"
-                + (f", num_classes={self.num_classes}" if self.num_classes is not None else ""))
+                + (f", num_classes={self.num_classes}" if self.num_classes is not None else "")
+                + (f", attention={self.attention}, num_heads={self.num_heads}" if self.attention else ""))

@@ -1,0 +1,228 @@
+"""The one command line: ``tinydiff train | sample | evaluate`` (also ``python -m tinydiff``).
+
+    tinydiff train --preset mnist-cond --out runs/mnist_cond          # class-conditional MNIST
+    tinydiff sample runs/mnist_cond --per-class 8 --guidance 1 --out digits.npz --grid digits.png
+    tinydiff evaluate runs/mnist_cond --samples 1000 --guidance 0,0.5,1,2,4
+
+This is the only module that parses flags. Every value is checked as it is parsed (argparse
+types from tinydiff.argtypes) or right after, before any data is loaded or any training starts;
+a bad one is a one-line error with exit code 2. Faults found later (no GPU, missing data, a
+foreign checkpoint, a NaN loss) are one line on stderr with exit code 1. The settings of a run
+resolve as tinydiff.experiments describes: defaults, preset, recipe, checkpoint, flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import argtypes as A
+from . import experiments as E
+
+SUPPRESS = argparse.SUPPRESS
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line (the flag, the value, what is allowed) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _attention(value):
+    """'none' or comma-separated feature-map sizes among 26, 12, 5, 2."""
+    if str(value).strip().lower() in ("none", "off", ""):
+        return []
+    sizes = A.positive_int_list(value)
+    bad = [s for s in sizes if s not in (26, 12, 5, 2)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"must be 'none' or sizes among 26,12,5,2 (the ScoreNet's "
+                                         f"feature maps), got {value!r}")
+    return sizes
+
+
+# -- parsers -----------------------------------------------------------------------------------
+
+def add_train_arguments(p, preset=None):
+    """The flags of ``tinydiff train`` (and of examples/mnist_uncond.py, examples/mnist_cond.py).
+    Settings default to SUPPRESS so that only flags actually given override preset and recipe."""
+    def opt(*a, **k):
+        p.add_argument(*a, default=SUPPRESS, **k)
+    presets = ", ".join(f"{k} ({v['recipe']})" for k, v in E.PRESETS.items())
+    opt("--preset", choices=list(E.PRESETS), help=f"what to train, with its default recipe: "
+        f"{presets}; default {preset or E.DEFAULTS['preset']}")
+    opt("--recipe", choices=list(E.RECIPES), help="how to train: fast (Adam, warm-up over 300 steps "
+        "to lr 3e-3, batch 64, EMA 0.999 with a ramp, 4 epochs); cond (AdamW, the same warm-up, "
+        "cosine to 0.1 lr then constant, clip 1, EMA, 5 epochs); reference (the tutorial: Adam "
+        "lr 1e-4, batch 32, 50 epochs, no EMA). Default: the preset's")
+    opt("--backend", choices=["numpy", "cupy"], help="numpy = CPU (default), cupy = NVIDIA GPU")
+    opt("--epochs", type=A.positive_int, help="total epochs (a resumed run continues up to this)")
+    opt("--batch-size", type=A.positive_int, help="images per training step")
+    opt("--lr", type=A.positive_float, help="peak learning rate")
+    opt("--optimizer", choices=["adam", "adamw"], help="adam, or adamw (decoupled weight decay)")
+    opt("--weight-decay", type=A.nonnegative_float, help="weight decay (AdamW: decoupled)")
+    opt("--schedule", choices=["constant", "cosine-then-constant"], help="learning rate after the "
+        "warm-up: constant, or cosine annealing to --min-lr x lr over --cosine-epochs, then constant")
+    opt("--min-lr", type=A.unit_interval, help="final factor of the cosine schedule (0.1: lr/10)")
+    opt("--cosine-epochs", type=A.positive_int, help="epochs of the cosine (default: --epochs)")
+    opt("--warmup", type=A.nonnegative_int, help="steps of linear learning-rate warm-up (0: none)")
+    opt("--ema", type=A.half_open_unit, help="decay of the EMA of the weights used for sampling "
+        "(0: none)")
+    opt("--ema-warmup", type=A.boolean, help="yes/no: ramp the EMA decay up as min(decay, "
+        "(1+n)/(10+n)) so early grids are not averages of untrained weights")
+    opt("--clip", type=A.positive_float, help="max global gradient norm (default per recipe)")
+    opt("--seed", type=A.nonnegative_int, help="seed of the initial weights, data order and noise "
+        "(default 0)")
+    opt("--dataset", choices=["mnist", "fashion-mnist"], help="training set (default: the preset's)")
+    opt("--limit", "--subset", dest="limit", type=A.positive_int,
+        help="train on the first N images only")
+    opt("--conditional", type=A.boolean, help="yes/no: a class-conditional model (default: the "
+        "preset's)")
+    opt("--p-uncond", type=A.unit_interval, help="label dropout of conditional training: the "
+        "probability of replacing a label by the 'no label' token (default 0.1)")
+    opt("--attention", type=_attention, help="feature-map sizes with self-attention blocks, e.g. "
+        "5,2, or none (default: the preset's)")
+    opt("--heads", dest="num_heads", type=A.positive_int, help="heads per attention block "
+        "(default 4)")
+    opt("--channels", type=A.positive_int_list, help="the four ScoreNet widths (default "
+        "32,64,128,256)")
+    opt("--embed-dim", type=A.positive_int, help="time-embedding width, even (default 256)")
+    opt("--sigma", type=A.float_above(1.0), help="sigma of the VE SDE, > 1 (default 25)")
+    opt("--sampler", choices=list(E.SAMPLERS), help="sampler of the grids and final samples: "
+        "Euler-Maruyama (em, default), predictor-corrector (pc), probability-flow ODE (ode)")
+    opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
+    opt("--num-samples", type=A.positive_int, help="images per grid of an unconditional run "
+        "(default 64)")
+    opt("--per-class", type=A.positive_int, help="images per class (one row each) in the grids of "
+        "a conditional run (default 8)")
+    opt("--guidance", type=A.finite_float, help="guidance weight w of a conditional run's grids "
+        "(default 1)")
+    opt("--sample-every", type=A.positive_int, help="draw a sample grid every N epochs (default 1)")
+    opt("--nonfinite", choices=["stop", "skip"], help="on a NaN/Inf loss or gradient: stop "
+        "(default) or skip the step")
+    outs = ", ".join(f"{v['out']} for {k}" for k, v in E.PRESETS.items())
+    p.add_argument("--out", type=A.out_dir, default=None, help=f"output folder (default: {outs})")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    p.add_argument("--sample-only", action="store_true", help="only sample from --out's checkpoint")
+    p.add_argument("--data", type=A.existing_dir, help="folder holding mnist/ (default "
+                   "$TINYDIFF_DATA, then the cache, then a download)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--bpd", type=A.nonnegative_int, default=0,
+                   help="then report bits/dim of N test images (default 0: skip)")
+    p.set_defaults(command="train", default_preset=preset)
+    return p
+
+
+def add_sample_arguments(p):
+    p.add_argument("run", help="a run folder written by `tinydiff train` (or its checkpoint.npz)")
+    p.add_argument("--num-samples", type=A.positive_int, help="images to draw (default: 8 per "
+                   "class for conditional runs, 64 otherwise)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--labels", type=A.int_list, help="classes to draw, e.g. 9 or 0,1,2 (each "
+                   "repeated to --num-samples, default 8 each; one grid row per class)")
+    g.add_argument("--per-class", type=A.positive_int, help="K images of every class")
+    p.add_argument("--guidance", type=A.finite_float, help="classifier-free guidance weight w: "
+                   "0 = plain conditional, larger = closer to the class (default: the run's, 1)")
+    _add_sampler_arguments(p)
+    p.add_argument("--out", type=A.out_file(".npz"), help="the .npz to write (default "
+                   "RUN/samples.npz): images (N, C, H, W) float32 in [0, 1], labels (N,)")
+    p.add_argument("--grid", type=A.out_file(".png"), help="the PNG grid (default: beside --out)")
+    p.set_defaults(command="sample")
+    return p
+
+
+def add_evaluate_arguments(p):
+    p.add_argument("run", help="a run folder written by `tinydiff train` (or its checkpoint.npz)")
+    p.add_argument("--samples", type=A.positive_int, default=1000, help="samples drawn and test "
+                   "images compared (default 1000; conditional runs draw 0, 1, ..., 9, 0, ...)")
+    p.add_argument("--guidance", type=A.float_list, help="guidance weight(s) w of a conditional "
+                   "run; several (e.g. 0,0.5,1,2,4) give a sweep table and plot (default: the "
+                   "run's)")
+    _add_sampler_arguments(p)
+    p.add_argument("--bpd", type=A.nonnegative_int, default=0, help="test images for bits/dim "
+                   "(default 0: skip; conditional runs use the true labels)")
+    p.add_argument("--from-file", type=A.existing_file, help="score the images (and labels) of an "
+                   ".npz written by `tinydiff sample` instead of drawing")
+    p.add_argument("--classifier", type=A.existing_file, help="classifier .npz (default: the "
+                   "shipped one of the run's data set)")
+    p.add_argument("--data", type=A.existing_dir, help="folder holding the data sets")
+    p.add_argument("--ceilings", action="store_true", help="also print test vs blurred test and "
+                   "test vs noise")
+    p.add_argument("--header", action="store_true", help="print the table header first")
+    p.add_argument("--save", type=A.out_file(".npz"), help="also write the drawn images here")
+    p.add_argument("--plot", type=A.out_file(".png"), help="the guidance sweep plot (default "
+                   "RUN/guidance_sweep.png)")
+    p.set_defaults(command="evaluate")
+    return p
+
+
+def _add_sampler_arguments(p):
+    p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
+                   help="em (default), pc or ode")
+    p.add_argument("--steps", type=A.int_at_least(2), default=500,
+                   help="steps of em / pc (default 500; ode picks its own)")
+    p.add_argument("--rtol", type=A.positive_float, default=1e-5,
+                   help="ode tolerance, rtol = atol (default 1e-5)")
+    p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")
+    p.add_argument("--batch", type=A.positive_int, default=500,
+                   help="samples drawn at once (default 500)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy", help="default numpy")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser(prog="tinydiff"):
+    p = Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate}",
+                           parser_class=Parser)
+    add_train_arguments(sub.add_parser("train", help="train a score model (see --preset)"))
+    add_sample_arguments(sub.add_parser("sample", help="draw images from a trained run"))
+    add_evaluate_arguments(sub.add_parser("evaluate", help="sample quality of a trained run"))
+    return p
+
+
+def train_parser(prog, preset, description=None):
+    """A stand-alone ``train`` parser for an example script."""
+    p = Parser(prog=prog, description=description,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_train_arguments(p, preset)
+
+
+# -- entry points --------------------------------------------------------------------------------
+
+def main(argv=None, prog="tinydiff"):
+    """``tinydiff ...``; returns the exit code."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]
+    return _dispatch(args, sub)
+
+
+def train_main(argv=None, preset="mnist", prog=None, description=None):
+    """An example script's entry point: ``tinydiff train`` with another default preset."""
+    parser = train_parser(prog, preset, description)
+    return _dispatch(parser.parse_args(argv), parser)
+
+
+def _dispatch(args, parser):
+    from . import commands
+    from .backend import BackendError
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .metrics import MetricError
+    from .models.classifier import ClassifierWeightsError
+    from .train import NonFiniteError
+    run = {"train": commands.train, "sample": commands.sample, "evaluate": commands.evaluate}
+    try:
+        return run[args.command](args, parser) or 0
+    except commands.UsageError as e:
+        parser.error(str(e))                      # usage line + "error: ...", exit 2
+    except (BackendError, DataError, CheckpointError, NonFiniteError, MetricError,
+            ClassifierWeightsError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print(f"interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "train_main", "build_parser", "train_parser", "add_train_arguments"]

@@ -1,0 +1,303 @@
+"""What ``tinydiff train / sample / evaluate`` do once their flags are parsed (tinydiff/cli.py).
+
+Each function takes the parsed arguments, checks what argparse cannot check alone (combinations,
+a label range that depends on the run) before any data is loaded, and then calls the library:
+tinydiff.experiments for the run's pieces, tinydiff.train for the loop, tinydiff.metrics for the
+numbers. A ``UsageError`` becomes a one-line error with exit code 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+
+import numpy as np
+
+from . import experiments as E
+
+# the settings a train flag may set (everything else on the command line is not part of a run)
+CONFIG_KEYS = frozenset(E.DEFAULTS) | frozenset(E.RECIPES["fast"]) | frozenset(E.PRESETS["mnist"])
+
+HEADER = ("| data set | model | sampler | steps (NFE) | guidance | samples | Fréchet dist. (floor) "
+          "| classes | bits/dim | sampling time |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+class UsageError(ValueError):
+    """A flag value or combination that cannot work (exit code 2)."""
+
+
+def _say(msg):
+    print(f"[tinydiff] {msg}", flush=True)
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+def train(args, parser):
+    from . import data, train as T
+    from .backend import get_backend
+
+    explicit = {k: v for k, v in vars(args).items() if k in CONFIG_KEYS and k != "out"}
+    preset = explicit.get("preset", args.default_preset or E.DEFAULTS["preset"])
+    out = args.out or E.PRESETS[preset]["out"]
+    saved = args.resume or args.sample_only
+    if args.resume and args.sample_only:
+        raise UsageError("--resume and --sample-only exclude each other: --resume trains on, "
+                         "--sample-only only samples")
+    try:
+        config = E.resolve_config(explicit, out if saved else None, args.default_preset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    config["out"] = out
+    _check_train_config(config)
+    backend = get_backend(config["backend"])        # fails early and clearly without a GPU
+    sde = E.build_sde(config)
+    try:
+        model = E.build_model(config, backend, sde)
+    except ValueError as e:                         # e.g. heads that do not divide the channels
+        raise UsageError(str(e)) from None
+    labels = E.grid_labels(config)
+    shape = E.IMAGE_SHAPE[config["dataset"]]
+    n = len(labels) if labels is not None else int(config["num_samples"])
+    sample_fn = T.make_sample_fn(sde, config["sampler"], int(config["sample_steps"]), (n, *shape),
+                                 labels=labels, guidance=float(config["guidance"]),
+                                 nrow=int(config["per_class"]) if labels is not None else None)
+    ema = None
+    if args.sample_only:   # the EMA weights when the run kept them
+        state = T.load_model_weights(os.path.join(out, T.CHECKPOINT), model)
+        _say(f"sampling from {out} (epoch {state['epoch']}, step {state['step']})")
+    else:
+        images, train_labels = data.load_dataset(config["dataset"], "train", args.data,
+                                                 config["limit"])
+        steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
+        opt, scheduler, ema = E.build_optimizer(model, config, steps_per_epoch)
+        loss = T.score_matching_loss(sde, use_labels=bool(config["conditional"]),
+                                     label_dropout=float(config["p_uncond"]) if config["conditional"] else 0.0)
+        trainer = T.Trainer(
+            model, opt, loss, images, train_labels if config["conditional"] else None,
+            out_dir=out, epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
+            seed=int(config["seed"]), ema=ema, scheduler=scheduler, clip_grad=config["clip"],
+            sample_fn=sample_fn, sample_every=int(config["sample_every"]),
+            on_nonfinite=config["nonfinite"], config=config, progress=not args.no_progress)
+        try:
+            trainer.fit(resume=args.resume)
+        except KeyboardInterrupt:
+            if os.path.exists(trainer.checkpoint_path):
+                raise KeyboardInterrupt(f"continue with --resume --out {out}") from None
+            raise KeyboardInterrupt("before the first checkpoint: nothing was saved; start again "
+                                    "(without --resume)") from None
+    prefix = os.path.join(out, f"samples_{config['sampler']}")
+    T.sample_and_save(model, sample_fn, prefix, T.derived_seed(config["seed"], 4), ema=ema,
+                      sampler=config["sampler"], sample_steps=config["sample_steps"])
+    if args.bpd:   # test-set bits/dim along the probability-flow ODE (with the EMA weights)
+        with (ema.average_parameters(model) if ema else contextlib.nullcontext()):
+            model.eval()
+            mean, err, n = _test_bits_per_dim(model, sde, config, args.bpd, args.data, backend,
+                                              seed=int(config["seed"]))
+            model.train()
+        print(f"test bits/dim ({n} images): {mean:.3f} +- {err:.3f}")
+    return 0
+
+
+def _check_train_config(config):
+    if len(config["channels"]) != 4:
+        raise UsageError(f"--channels needs the four ScoreNet widths, e.g. 32,64,128,256; got "
+                         f"{','.join(map(str, config['channels']))}")
+    if int(config["embed_dim"]) % 2:
+        raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
+    if config["dataset"] not in E.IMAGE_SHAPE:
+        raise UsageError(f"--dataset {config['dataset']!r} is not trainable with this model; "
+                         f"choose one of {', '.join(E.IMAGE_SHAPE)}")
+
+
+def _test_bits_per_dim(model, sde, config, n, root, backend, seed=0):
+    """Mean bits/dim (and its standard error) of n test images picked with the seed; a
+    conditional model is asked for log p(x | y) with the true labels."""
+    from . import data, metrics, sampling
+    test_x, test_y = data.load_dataset(config["dataset"], "test", root=root, verbose=False)
+    n = min(n, len(test_x))
+    x, y = metrics.select(test_x, n, seed, labels=test_y)
+    rng = backend.default_rng(seed)
+    values = []
+    for i in range(0, n, 100):
+        xb = backend.asarray(metrics.prepare_images(x[i:i + 100]))
+        score_model = model if model.num_classes is None else sampling.conditional_score_model(
+            model, backend.asarray(np.asarray(y[i:i + 100], np.int64)))
+        values.append(np.atleast_1d(sampling.bits_per_dim(score_model, xb, sde, rng)))
+    v = np.concatenate(values).astype(np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"), n
+
+
+# -- sample ----------------------------------------------------------------------------------------
+
+def _conditional_request(run, args, labels_flag, per_class, guidance):
+    """Check labels and guidance against the run: (is conditional, guidance)."""
+    cond = run.model.num_classes is not None
+    if not cond:
+        asked = [f for f, v in (("--labels", labels_flag), ("--per-class", per_class)) if v]
+        if guidance is not None and any(w != 0 for w in np.atleast_1d(guidance)):
+            asked.append("--guidance")
+        if asked:
+            raise UsageError(f"{run.path} is an unconditional model: it takes no "
+                             f"{' / '.join(asked)}; drop them, or sample a conditional run")
+        return False, None
+    if labels_flag:
+        bad = [v for v in labels_flag if not 0 <= v < run.model.num_classes]
+        if bad:
+            raise UsageError(f"--labels {','.join(map(str, bad))}: out of range; this model's "
+                             f"classes are 0..{run.model.num_classes - 1}")
+    return True, guidance
+
+
+def sample(args, parser):
+    from . import plot
+    from .backend import get_backend
+
+    get_backend(args.backend)
+    run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    cond, guidance = _conditional_request(run, args, args.labels, args.per_class, args.guidance)
+    if cond:
+        guidance = float(run.config.get("guidance", 1.0)) if guidance is None else guidance
+        labels, nrow = E.sample_labels(args.num_samples, args.labels, args.per_class,
+                                       run.model.num_classes)
+    else:
+        labels, nrow = None, None
+    n = len(labels) if labels is not None else (args.num_samples or 64)
+    images, info = E.draw_samples(run.model, run.sde, n, args.sampler, args.steps, args.seed,
+                                  args.batch, labels, guidance or 0.0, args.rtol,
+                                  progress=not args.no_progress)
+    folder = os.path.dirname(run.path)
+    out = args.out or os.path.join(folder, "samples.npz")
+    grid = args.grid or out[:-4] + ".png"
+    meta = dict(sampler=args.sampler, steps=args.steps, nfe=info["nfe"], seed=args.seed,
+                guidance=np.nan if guidance is None else guidance, checkpoint=run.path)
+    save_npz(out, images=images, **({"labels": labels} if labels is not None else {}), **meta)
+    plot.save_image_grid(images, grid, nrow=nrow)
+    what = f", labels {_describe(labels)}, guidance {guidance:g}" if cond else ""
+    _say(f"{n} samples ({args.sampler}, NFE {info['nfe']}{what}) in {info['seconds']:.1f} s: "
+         f"{out}, {grid}")
+    return 0
+
+
+def _describe(labels):
+    u = np.unique(labels)
+    return ",".join(map(str, u)) if len(u) <= 10 else f"{len(u)} classes"
+
+
+def save_npz(path, **arrays):
+    """np.savez through a temporary file and a rename, so a reader never sees half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# -- evaluate --------------------------------------------------------------------------------------
+
+def evaluate(args, parser):
+    from . import data, metrics, plot
+    from .backend import get_backend
+    from .models.classifier import load_classifier
+
+    backend = get_backend(args.backend)
+    run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    cond, ws = _conditional_request(run, args, None, None, args.guidance)
+    if cond:
+        ws = ws or [float(run.config.get("guidance", 1.0))]
+    else:
+        ws = [None]
+    if args.from_file and len(ws) > 1:
+        raise UsageError("--from-file scores one set of images; give at most one --guidance")
+    dataset = run.config["dataset"]
+    classifier = load_classifier(dataset, path=args.classifier, backend=backend)
+    train_x, _ = data.load_dataset(dataset, "train", root=args.data, verbose=False)
+    test_x, _ = data.load_dataset(dataset, "test", root=args.data, verbose=False)
+    n, seed = args.samples, args.seed
+    floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
+    name = (f"ScoreNet {'cond.' if cond else 'uncond.'} {os.path.basename(os.path.dirname(run.path))}"
+            f" (epoch {run.state['epoch']})")
+    if args.header:
+        print(HEADER)
+    rows = []
+    for w in ws:
+        if args.from_file:
+            images, labels, info = _read_samples(args.from_file, cond)
+            w = info.pop("guidance", w)
+        else:
+            labels = np.arange(n) % run.model.num_classes if cond else None
+            images, info = E.draw_samples(run.model, run.sde, n, args.sampler, args.steps, seed,
+                                          args.batch, labels, w or 0.0, args.rtol,
+                                          progress=not args.no_progress)
+            if args.save:
+                save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
+                         guidance=np.nan if w is None else w)
+        fd = metrics.frechet_classifier_distance(images, test_x, classifier, n, seed)
+        row = {"guidance": w, "fd": fd, "floor": floor, "nfe": info.get("nfe", 0),
+               "seconds": info.get("seconds", float("nan"))}
+        if cond:
+            row["accuracy"] = metrics.conditional_accuracy(images, labels, classifier, n, seed)
+            classes = f"cond. acc. {100 * row['accuracy']:.1f}%"
+        else:
+            classes = str(metrics.class_coverage(images, classifier, n, seed))
+        bpd = "–"
+        if args.bpd and w == ws[0]:
+            mean, err, k = _test_bits_per_dim(run.model, run.sde, run.config, args.bpd, args.data,
+                                              backend, seed)
+            bpd = f"{mean:.3f} ± {err:.3f} (n={k}{', given y' if cond else ''})"
+        steps = (f"rtol {args.rtol:g} ({row['nfe']})" if args.sampler == "ode"
+                 else f"{args.steps} ({row['nfe']})")
+        seconds = row["seconds"]
+        timing = "–" if not np.isfinite(seconds) else \
+            f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
+        print(f"| {dataset} | {name} | {args.sampler} | {steps} | {'–' if w is None else f'{w:g}'} "
+              f"| {n} (seed {seed}) | {fd:.1f} ({floor:.1f}) | {classes} | {bpd} | {timing} |",
+              flush=True)
+        rows.append(row)
+    if args.ceilings:
+        ref = metrics.reference_distances(train_x, test_x, classifier, n, seed)
+        print(f"reference points at n={n}, seed={seed}: " +
+              ", ".join(f"{k} {v:.1f}" for k, v in ref.items()))
+    if len(rows) > 1:
+        folder = os.path.dirname(run.path)
+        path = args.plot or os.path.join(folder, "guidance_sweep.png")
+        plot.plot_guidance_sweep(path, [r["guidance"] for r in rows], [r["accuracy"] for r in rows],
+                                 [r["fd"] for r in rows], floor,
+                                 title=f"{dataset}, {args.sampler} {args.steps} steps, n={n}")
+        table = path[:-4] + ".csv"
+        with open(table, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["guidance", "conditional_accuracy", "frechet_distance", "floor",
+                             "samples", "sampler", "steps"])
+            for r in rows:
+                writer.writerow([r["guidance"], r["accuracy"], r["fd"], floor, n, args.sampler,
+                                 args.steps])
+        _say(f"guidance sweep: {path}, {table}")
+    return 0
+
+
+def _read_samples(path, cond):
+    """images, labels, info from an .npz of ``tinydiff sample``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise UsageError(f"--from-file {path}: no 'images' array; pass an .npz written by "
+                                 "`tinydiff sample`")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else None
+            info = {"guidance": float(f["guidance"])} if "guidance" in f.files else {}
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"--from-file {path}: not a readable .npz ({type(e).__name__}: {e})") from None
+    if cond and labels is None:
+        raise UsageError(f"--from-file {path} has no 'labels'; a conditional run is scored against "
+                         "the labels the images were drawn for")
+    if info.get("guidance") is not None and not np.isfinite(info["guidance"]):
+        info.pop("guidance")
+    return images, labels, info

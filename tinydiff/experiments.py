@@ -1,0 +1,242 @@
+"""Named experiments: what to train (data set, model, conditional or not) and how (the recipe),
+and the pieces every command builds from a run's configuration.
+
+A run's configuration is one flat dict: ``DEFAULTS``, then the preset, then the recipe, then (when
+resuming or sampling) the settings stored in its checkpoint, then the flags given explicitly.
+``tinydiff train / sample / evaluate`` (tinydiff/cli.py) and the examples are thin layers over it:
+
+    config = resolve_config({"preset": "mnist-cond", "epochs": 2})
+    sde, model = build_sde(config), build_model(config, "numpy")
+    run = load_run("runs/mnist_cond")            # a trained run: model (EMA weights), sde, config
+    images, labels = draw_samples(run.model, run.sde, 16, labels=np.arange(16) % 10, guidance=1.0)
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from . import sampling
+from .backend import backend_of, get_backend
+from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, read_config
+
+# How to train. 'reference' is Song's tutorial; 'fast' and 'cond' were chosen by measurement for
+# short CPU runs (README: what the first run gives; docs/cli.md: the conditional recipe).
+RECIPES = {
+    "reference": dict(optimizer="adam", lr=1e-4, batch_size=32, epochs=50, warmup=0,
+                      schedule="constant", min_lr=1.0, weight_decay=0.0, ema=0.0,
+                      ema_warmup=False, clip=None),
+    "fast": dict(optimizer="adam", lr=3e-3, batch_size=64, epochs=4, warmup=300,
+                 schedule="constant", min_lr=1.0, weight_decay=0.0, ema=0.999, ema_warmup=True,
+                 clip=None),
+    # the report's conditional recipe (AdamW; cosine annealing, then a constant learning rate)
+    # with the fast recipe's warm-up and EMA, and clipping
+    "cond": dict(optimizer="adamw", lr=3e-3, batch_size=64, epochs=5, warmup=300,
+                 schedule="cosine-then-constant", min_lr=0.1, weight_decay=1e-2, ema=0.999,
+                 ema_warmup=True, clip=1.0),
+}
+
+# What to train. Sizes of the attention blocks refer to the ScoreNet's 26/12/5/2 feature maps.
+PRESETS = {
+    "mnist": dict(dataset="mnist", conditional=False, attention=[], recipe="fast",
+                  out="runs/mnist_uncond"),
+    "mnist-cond": dict(dataset="mnist", conditional=True, attention=[5, 2], recipe="cond",
+                       out="runs/mnist_cond"),
+    "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, attention=[], recipe="fast",
+                          out="runs/fashion_uncond"),
+    "fashion-mnist-cond": dict(dataset="fashion-mnist", conditional=True, attention=[5, 2],
+                               recipe="cond", out="runs/fashion_cond"),
+}
+
+DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0,
+                channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
+                cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
+                guidance=1.0, sample_every=1, limit=None, nonfinite="stop")
+
+NUM_CLASSES = 10          # every data set tinydiff loads has ten classes
+IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
+
+
+def resolve_config(explicit, run_dir=None, default_preset=None):
+    """The run's settings (see the module docstring). ``explicit``: the flags given; ``run_dir``:
+    a run whose checkpoint's settings take precedence over the preset and recipe;
+    ``default_preset``: the preset when neither the flags nor the checkpoint name one."""
+    saved = read_config(os.path.join(run_dir, CHECKPOINT)) if run_dir else {}
+    preset = explicit.get("preset", saved.get("preset", default_preset or DEFAULTS["preset"]))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    recipe = explicit.get("recipe", saved.get("recipe", PRESETS[preset]["recipe"]))
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    config = {**DEFAULTS, **PRESETS[preset], **RECIPES[recipe], **saved, **explicit,
+              "preset": preset, "recipe": recipe}
+    for key in ("channels", "attention"):       # older runs stored "32,64,128,256"
+        config[key] = _int_list(config[key])
+    return config
+
+
+def _int_list(v):
+    if isinstance(v, str):
+        return [int(p) for p in v.split(",") if p.strip()]
+    return [int(p) for p in v]
+
+
+# -- building a run's pieces -----------------------------------------------------------------
+
+def build_sde(config):
+    from .sde import VESDE
+    if config.get("sde", "ve") != "ve":
+        raise ValueError(f"unknown SDE {config['sde']!r}; this version has 've'")
+    return VESDE(float(config["sigma"]))
+
+
+def build_model(config, backend="numpy", sde=None):
+    """The ScoreNet the configuration describes (weights drawn from ``config['seed']``)."""
+    from . import nn
+    from .models import ScoreNet
+    sde = sde or build_sde(config)
+    nn.manual_seed(int(config["seed"]))
+    in_channels = IMAGE_SHAPE.get(config["dataset"], (1,))[0]
+    model = ScoreNet(sde.marginal_std, channels=tuple(config["channels"]),
+                     embed_dim=int(config["embed_dim"]), in_channels=in_channels,
+                     num_classes=NUM_CLASSES if config["conditional"] else None,
+                     attention=tuple(config["attention"]), num_heads=int(config["num_heads"]))
+    return model.to(get_backend(backend))
+
+
+def build_optimizer(model, config, steps_per_epoch):
+    """(optimizer, LR scheduler, EMA or None) of the recipe."""
+    from . import optim
+    kind, lr, wd = config["optimizer"], float(config["lr"]), float(config["weight_decay"])
+    if kind == "adam":
+        opt = optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+    elif kind == "adamw":
+        opt = optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; choose adam or adamw")
+    if config["schedule"] == "constant":
+        after = optim.constant()
+    elif config["schedule"] == "cosine-then-constant":
+        # cosine from lr to min_lr * lr over the run's first cosine_epochs (default: all), then
+        # constant: the report's fix for a loss that kept exploding late in long runs
+        epochs = config.get("cosine_epochs") or config["epochs"]
+        after = optim.cosine_then_constant(max(1, int(epochs) * steps_per_epoch - int(config["warmup"])),
+                                           float(config["min_lr"]))
+    else:
+        raise ValueError(f"unknown schedule {config['schedule']!r}; choose constant or "
+                         "cosine-then-constant")
+    n = int(config["warmup"])    # linear warm-up from lr / n to lr over n steps
+    schedule = optim.warmup_then(after, n, start_factor=1.0 / n) if n else after
+    ema = optim.EMA(model, float(config["ema"]), warmup=bool(config["ema_warmup"])) \
+        if config["ema"] else None
+    return opt, optim.LRScheduler(opt, schedule), ema
+
+
+def grid_labels(config):
+    """Labels of the per-epoch / final grids of a conditional run: ``per_class`` of each class,
+    one row per class (None for unconditional runs)."""
+    if not config["conditional"]:
+        return None
+    return np.repeat(np.arange(NUM_CLASSES), int(config["per_class"]))
+
+
+# -- trained runs ----------------------------------------------------------------------------
+
+class Run(NamedTuple):
+    model: object       # the ScoreNet in eval mode, EMA weights when the run kept them
+    sde: object
+    config: dict
+    state: dict         # the checkpoint (epoch, step, loss history, ...)
+    path: str           # the checkpoint file
+
+
+def checkpoint_path(run):
+    """A run folder or a checkpoint file -> the checkpoint file (CheckpointError if absent)."""
+    path = os.path.join(run, CHECKPOINT) if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        where = (f"{run} has no {CHECKPOINT}" if os.path.isdir(run) else f"{run} does not exist")
+        raise CheckpointError(f"{where}; pass a run folder written by `tinydiff train` (or its "
+                              f"{CHECKPOINT})")
+    return path
+
+
+def load_run(run, backend="numpy", use_ema=True):
+    """A trained run from its folder (or checkpoint file): ``Run(model, sde, config, state,
+    path)``, the model rebuilt from the stored configuration, in eval mode, with the EMA weights
+    when the run kept an EMA (``use_ema=False``: the raw weights)."""
+    path = checkpoint_path(run)
+    state = load_checkpoint(path)
+    config = resolve_config({}, os.path.dirname(path) or ".")
+    sde = build_sde(config)
+    model = build_model(config, backend, sde)
+    weights = dict(state["model"])
+    if use_ema and state.get("ema") is not None:
+        weights.update(state["ema"]["shadow"])
+    try:
+        model.load_state_dict(weights)
+    except Exception as e:
+        raise CheckpointError(f"{path} does not fit the model its configuration describes: {e}") from e
+    return Run(model.eval(), sde, config, state, path)
+
+
+# -- drawing samples ---------------------------------------------------------------------------
+
+SAMPLERS = ("em", "pc", "ode")
+
+
+def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
+                 labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False):
+    """``num_samples`` images from a score model, in batches, seeded.
+
+    Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
+    with ``raw`` (the unclipped samples), ``nfe`` (score evaluations per sample: steps for em,
+    2 steps for pc, the solver's count for ode; a guided evaluation is one batched call on 2N) and
+    ``seconds``.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    be = model.backend
+    shape = tuple(shape or (model.in_channels, 28, 28))
+    out, nfe = [], 0
+    start = time.perf_counter()
+    for i in range(0, num_samples, batch_size):
+        m = min(batch_size, num_samples - i)
+        y = None if labels is None else be.asarray(np.asarray(labels[i:i + m], np.int64))
+        score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance)
+        rng = be.default_rng(_batch_seed(seed, i))
+        kw = dict(rng=rng, backend=be.name, progress=progress)
+        if sampler == "em":
+            x, nfe = sampling.euler_maruyama(score_fn, sde, (m, *shape), num_steps=steps, **kw), steps
+        elif sampler == "pc":   # one corrector step per predictor step: two score evaluations
+            x, nfe = sampling.predictor_corrector(score_fn, sde, (m, *shape), num_steps=steps,
+                                                  **kw), 2 * steps
+        else:
+            x, k = sampling.ode_sampler(score_fn, sde, (m, *shape), rtol=rtol, atol=rtol, **kw)
+            nfe = max(nfe, k)
+        out.append(backend_of(x).to_host(x))
+    be.synchronize()
+    raw = np.concatenate(out).astype(np.float32)
+    return np.clip(raw, 0.0, 1.0), {"raw": raw, "nfe": nfe, "seconds": time.perf_counter() - start}
+
+
+def _batch_seed(seed, offset):
+    from .train import derived_seed
+    return derived_seed(seed, offset)
+
+
+def sample_labels(num_samples=None, labels=None, per_class=None, num_classes=NUM_CLASSES):
+    """The labels to draw for a conditional model, grouped so a grid has one row per label:
+    ``per_class`` K: K of each class; ``labels`` [a, b, ...]: the given classes, repeated to
+    ``num_samples`` (default 8 each); neither: 0, 1, ..., 9, 0, 1, ... (balanced) up to
+    ``num_samples``. Returns (labels (N,), images per grid row)."""
+    if per_class is not None:
+        return np.repeat(np.arange(num_classes), per_class), per_class
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        n = num_samples or 8 * len(labels)
+        reps = -(-n // len(labels))
+        return np.repeat(labels, reps)[:n], reps
+    n = num_samples or 8 * num_classes
+    return np.arange(n) % num_classes, num_classes
