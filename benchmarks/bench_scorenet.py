@@ -15,6 +15,8 @@ median over repeats of tinydiff time / PyTorch time of one adjacent pair.
     python3 benchmarks/bench_scorenet.py                 # the full table
     python3 benchmarks/bench_scorenet.py --repeats 5 --quick
     python3 benchmarks/bench_scorenet.py --backend cupy  # on a GPU (torch on CUDA if available)
+    python3 benchmarks/bench_scorenet.py --model cond    # the class-conditional ScoreNet with
+                                                         # attention, and the attention blocks
 """
 from __future__ import annotations
 
@@ -63,20 +65,23 @@ except ImportError:  # the benchmark still times tinydiff alone
 
 # -- the same model in PyTorch (only for comparison; tinydiff never imports torch) ----------------
 
-def torch_scorenet(device):
-    return reference_torch_scorenet(torch_marginal_std, device=device)
+COND = dict(num_classes=10, attention=(5, 2), num_heads=4)   # the mnist-cond preset's model
+
+
+def torch_scorenet(device, conditional=False):
+    return reference_torch_scorenet(torch_marginal_std, device=device, **(COND if conditional else {}))
 
 
 def torch_marginal_std(t):
     return torch.sqrt(torch.expm1(t * (2 * math.log(SIGMA))) / (2 * math.log(SIGMA)))
 
 
-def torch_dsm_loss(model, x0, eps=1e-5):
+def torch_dsm_loss(model, x0, eps=1e-5, labels=None):
     """eq. 5: sum over pixels, mean over the batch, t ~ U(eps, 1)."""
     t = torch.rand(x0.shape[0], device=x0.device) * (1 - eps) + eps
     z = torch.randn_like(x0)
     std = torch_marginal_std(t)[:, None, None, None]
-    score = model(x0 + z * std, t)
+    score = model(x0 + z * std, t) if labels is None else model(x0 + z * std, t, labels)
     return ((score * std + z) ** 2).sum(dim=(1, 2, 3)).mean()
 
 
@@ -134,15 +139,15 @@ def print_table(title, rows):
 
 # -- the model steps ---------------------------------------------------------------------------
 
-def build_pair(backend, device):
+def build_pair(backend, device, conditional=False):
     sde = VESDE(SIGMA)
     nn.manual_seed(0)
-    model = ScoreNet(sde.marginal_std).to(backend)
+    model = ScoreNet(sde.marginal_std, **(COND if conditional else {})).to(backend)
     opt = Adam(model.parameters(), lr=1e-4)
     tmodel = topt = None
     if torch is not None:
         torch.manual_seed(0)
-        tmodel = torch_scorenet(device)
+        tmodel = torch_scorenet(device, conditional)
         sd = model.state_dict()
         tsd = tmodel.state_dict()
         missing = set(tsd) ^ set(sd)
@@ -158,34 +163,49 @@ def check_same_output(backend, device, model, tmodel):
     rng = np.random.default_rng(0)
     x = rng.random((4, 1, 28, 28), dtype=np.float32)
     t = rng.uniform(0.1, 1.0, 4).astype(np.float32)
+    y = np.array([0, 3, 9, 10]) if model.num_classes else None
     with td.no_grad():
-        ours = model(td.Tensor(backend.asarray(x)), backend.asarray(t)).numpy()
+        ours = model(td.Tensor(backend.asarray(x)), backend.asarray(t),
+                     None if y is None else backend.asarray(y)).numpy()
     with torch.no_grad():
-        theirs = tmodel(torch.tensor(x, device=device), torch.tensor(t, device=device)).cpu().numpy()
+        args = (torch.tensor(x, device=device), torch.tensor(t, device=device))
+        theirs = tmodel(*args, *([] if y is None else [torch.tensor(y, device=device)])).cpu().numpy()
     err = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
     if err > 1e-3:
         raise RuntimeError(f"tinydiff and PyTorch ScoreNets disagree (relative error {err:.2e})")
     return err
 
 
+def _labels(model, batch):
+    """Labels of a conditional model's batch, 10 % of them the "no label" token (label dropout)."""
+    if not model.num_classes:
+        return None
+    y = np.arange(batch) % model.num_classes
+    y[::10] = model.null_label
+    return y
+
+
 def train_steps(backend, device, batch, sde, model, opt, tmodel, topt):
     host = np.random.default_rng(1).random((batch, 1, 28, 28), dtype=np.float32)
     x_td = backend.asarray(host)
     rng = backend.default_rng(0)
+    y = _labels(model, batch)
+    y_td = None if y is None else backend.asarray(y)
 
     def step_td():
         opt.zero_grad()
-        loss = dsm_loss(model, x_td, sde, rng)
+        loss = dsm_loss(model, x_td, sde, rng, labels=y_td)
         loss.backward()
         opt.step()
 
     if torch is None:
         return step_td, None
     x_t = torch.tensor(host, device=device)
+    y_t = None if y is None else torch.tensor(y, device=device)
 
     def step_torch():
         topt.zero_grad(set_to_none=True)
-        loss = torch_dsm_loss(tmodel, x_t)
+        loss = torch_dsm_loss(tmodel, x_t, labels=y_t)
         loss.backward()
         topt.step()
     return step_td, step_torch
@@ -196,18 +216,21 @@ def sample_steps(backend, device, batch, model, tmodel):
     host = (rng.standard_normal((batch, 1, 28, 28)) * 10).astype(np.float32)
     t_host = np.full(batch, 0.5, np.float32)
     x_td, t_td = td.Tensor(backend.asarray(host)), backend.asarray(t_host)
+    y = _labels(model, batch)
+    y_td = [] if y is None else [backend.asarray(y)]
 
     def step_td():
         with td.no_grad():
-            model(x_td, t_td)
+            model(x_td, t_td, *y_td)
 
     if torch is None:
         return step_td, None
     x_t, t_t = torch.tensor(host, device=device), torch.tensor(t_host, device=device)
+    y_t = [] if y is None else [torch.tensor(y, device=device)]
 
     def step_torch():
         with torch.no_grad():
-            tmodel(x_t, t_t)
+            tmodel(x_t, t_t, *y_t)
     return step_td, step_torch
 
 
@@ -316,6 +339,41 @@ def op_pairs(backend, device, batch):
     return pairs
 
 
+ATTENTION = [(128, 5), (256, 2)]   # channels, size of the conditional model's attention blocks
+
+
+def attention_pairs(backend, device, batch):
+    """(name, tinydiff fn, torch fn) for each attention block of the conditional model, forward +
+    backward (the torch block is the reference's, loaded with the same weights)."""
+    from tinydiff.testing.torch_reference import torch_scorenet as ref
+    out = []
+    for c, size in ATTENTION:
+        nn.manual_seed(0)
+        block = nn.SelfAttention2d(c, num_heads=4).to(backend)
+        host = np.random.default_rng(c).standard_normal((batch, c, size, size)).astype(np.float32)
+        xt = td.Tensor(backend.asarray(host), requires_grad=True)
+        g = backend.asarray(np.ones_like(host))
+
+        def run_td(block=block, xt=xt, g=g):
+            xt.grad = None
+            block(xt).backward(g)
+        run_torch = None
+        if torch is not None:
+            sizes = {5: (5, 2), 2: (2,)}
+            tm = ref(torch_marginal_std, device=device, num_classes=None, attention=sizes[size],
+                     num_heads=4)
+            tblock = tm.attn3 if size == 5 else tm.attn4
+            tblock.load_state_dict({k: torch.tensor(v) for k, v in block.state_dict().items()})
+            xT = torch.tensor(host, device=device, requires_grad=True)
+            gT = torch.ones_like(xT)
+
+            def run_torch(tblock=tblock, xT=xT, gT=gT):
+                xT.grad = None
+                tblock(xT).backward(gT)
+        out.append((f"attention block {c} ch {size}x{size}, 4 heads", run_td, run_torch))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="numpy", help="numpy (default), cupy or strict")
@@ -331,6 +389,10 @@ def main(argv=None):
                          "measures a loop's steady state, as training and sampling run")
     ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")
     ap.add_argument("--ops-only", action="store_true", help="only the per-op table")
+    ap.add_argument("--model", choices=["scorenet", "cond"], default="scorenet",
+                    help="scorenet: the tutorial model (default); cond: the class-conditional "
+                         "ScoreNet with attention at 5x5 and 2x2 (preset mnist-cond), and its "
+                         "attention blocks in the per-op table")
     args = ap.parse_args(argv)
     global GAP_S, INNER
     GAP_S, INNER = args.gap_ms / 1e3, max(1, args.inner)
@@ -348,7 +410,10 @@ def main(argv=None):
         print(f"; PyTorch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
     else:
         print("; PyTorch not importable: tinydiff times only")
-    sde, model, opt, tmodel, topt = build_pair(backend, device)
+    cond = args.model == "cond"
+    sde, model, opt, tmodel, topt = build_pair(backend, device, cond)
+    print(f"model: {'conditional ScoreNet, attention at 5x5 and 2x2' if cond else 'ScoreNet'}, "
+          f"{model.num_parameters():,} parameters")
     if torch is not None:
         print(f"models agree: max relative difference of the scores {check_same_output(backend, device, model, tmodel):.1e}")
 
@@ -365,7 +430,8 @@ def main(argv=None):
 
     if not args.quick:
         rows = []
-        for name, a, b in op_pairs(backend, device, 64):
+        pairs = attention_pairs(backend, device, 64) if cond else op_pairs(backend, device, 64)
+        for name, a, b in pairs:
             t = interleaved([f for f in (a, b) if f], args.repeats, args.warmup, sync)
             summarise(name, t[0], t[1] if len(t) > 1 else None, rows)
         print_table("Per op, forward + backward, batch 64", rows)

@@ -46,3 +46,26 @@ def data_dir():
         if d and os.path.isdir(os.path.join(d, "mnist")):
             return os.path.abspath(d)
     return None
+
+
+def make_fake_mnist(root, sizes=(("train", 64), ("test", 16)), seed=0):
+    """Write small random MNIST IDX .gz files into root/mnist; returns {file name: md5} to register
+    in tinydiff.data.DATASETS["mnist"]["md5"] (the real checksums would refuse them)."""
+    import gzip
+    import hashlib
+
+    from tinydiff import data
+    os.makedirs(os.path.join(root, "mnist"), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    md5 = {}
+    for split, n in sizes:
+        for name, arr in zip(data._IDX_FILES[split], (
+                rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                rng.integers(0, 10, n, dtype=np.uint8))):
+            raw = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes() + arr.tobytes()
+            path = os.path.join(root, "mnist", name)
+            with gzip.open(path, "wb") as f:
+                f.write(raw)
+            with open(path, "rb") as f:
+                md5[name] = hashlib.md5(f.read()).hexdigest()
+    return md5

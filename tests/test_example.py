@@ -3,8 +3,6 @@ resume, sample-only, refused resumes, --help, and the clear error of --backend c
 
 Uses real MNIST via data_dir() when present, else small generated IDX files.
 """
-import gzip
-import hashlib
 import importlib.util
 import os
 import subprocess
@@ -15,7 +13,7 @@ import pytest
 
 import tinydiff as td
 from tinydiff import cli, data, experiments, train
-from conftest import data_dir
+from conftest import data_dir, make_fake_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "mnist_uncond.py")
@@ -42,18 +40,8 @@ def mnist_root(tmp_path_factory, monkeypatch):
     if data_dir() is not None:
         return data_dir()
     root = tmp_path_factory.mktemp("fake_data")
-    os.makedirs(root / "mnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("test", 16)):
-        for name, arr in zip(data._IDX_FILES[split], (
-                rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                rng.integers(0, 10, n, dtype=np.uint8))):
-            raw = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes() + arr.tobytes()
-            path = root / "mnist" / name
-            with gzip.open(path, "wb") as f:
-                f.write(raw)
-            monkeypatch.setitem(data.DATASETS["mnist"]["md5"], name,
-                                hashlib.md5(path.read_bytes()).hexdigest())
+    for name, md5 in make_fake_mnist(str(root)).items():
+        monkeypatch.setitem(data.DATASETS["mnist"]["md5"], name, md5)
     return str(root)
 
 

@@ -351,14 +351,16 @@ def test_quality_benchmark_prints_a_row_for_a_tiny_checkpoint(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)    # 20 samples < 128 feature dimensions
         capsys.readouterr()
-        fd = quality.main(common + ["--sampler", "pc", "--steps", "3", "--bpd", "2", "--header"])
+        assert quality.main(common + ["--sampler", "pc", "--steps", "3", "--bpd", "2", "--header",
+                                      "--no-progress"]) == 0
         out = capsys.readouterr().out.splitlines()
-        quality.main(common + ["--sampler", "ode", "--rtol", "1e-2"])
+        assert quality.main(common + ["--sampler", "ode", "--rtol", "1e-2", "--no-progress"]) == 0
         ode = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| data set | model | sampler")
+    assert out[0].startswith("| data set | model | sampler | steps (NFE) | guidance")
     row = [c.strip() for c in out[2].strip("|").split("|")]
-    assert row[0] == "mnist" and row[2] == "pc" and row[3] == "3 (6)" and row[4].startswith("20 ")
-    assert row[5].startswith(f"{fd:.2f} (") and "bits" in row[6] and "(n=2)" in row[7]
-    assert float(row[7].split()[0]) > 0
+    assert row[0] == "mnist" and row[2] == "pc" and row[3] == "3 (6)" and row[4] == "–"
+    assert row[5].startswith("20 ") and "bits" in row[7] and "(n=2)" in row[8]
+    fd, floor = (float(v.strip("()")) for v in row[6].split())
+    assert fd > floor > 0 and float(row[8].split()[0]) > 0
     ode_row = [c.strip() for c in ode[0].strip("|").split("|")]
-    assert ode_row[2] == "ode" and ode_row[3].startswith("rtol 0.01 (") and ode_row[7] == "–"
+    assert ode_row[2] == "ode" and ode_row[3].startswith("rtol 0.01 (") and ode_row[8] == "–"

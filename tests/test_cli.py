@@ -1,0 +1,222 @@
+"""The command line end to end on a tiny subset (train, sample to .npz with the documented keys,
+evaluate with a guidance sweep), and a table of bad values: each is refused with exit code 2 (1
+for faults found later), one line naming the flag, no traceback, before any data is loaded, and
+without touching what is already on disk.
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+from tinydiff import cli, data, train
+from conftest import data_dir, make_fake_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--channels", "4,4,8,8", "--embed-dim", "8", "--heads", "2", "--limit", "32",
+        "--batch-size", "16", "--sample-steps", "3", "--per-class", "1", "--num-samples", "4",
+        "--no-progress", "--warmup", "2", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """The real data folder, or generated MNIST files (their checksums registered)."""
+    if data_dir() is not None:
+        yield data_dir()
+        return
+    folder = str(tmp_path_factory.mktemp("fake_data"))
+    saved = dict(data.DATASETS["mnist"]["md5"])
+    data.DATASETS["mnist"]["md5"].update(make_fake_mnist(folder, (("train", 64), ("test", 32))))
+    yield folder
+    data.DATASETS["mnist"]["md5"].clear()
+    data.DATASETS["mnist"]["md5"].update(saved)
+
+
+def call(*argv):
+    """cli.main in this process: (exit code); argparse's exits become codes too."""
+    try:
+        return cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def runs(root, tmp_path_factory):
+    """One tiny conditional and one tiny unconditional run, trained through the command line."""
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, preset in (("cond", "mnist-cond"), ("uncond", "mnist")):
+        out[name] = str(base / name)
+        assert call("train", "--preset", preset, "--out", out[name], "--data", root, *TINY) == 0
+    return out
+
+
+def test_train_writes_per_class_grids_and_records_the_preset(runs):
+    import matplotlib.image as mpimg
+
+    state = train.load_checkpoint(os.path.join(runs["cond"], "checkpoint.npz"))
+    config = state["config"]
+    assert (config["preset"], config["recipe"], config["conditional"]) == ("mnist-cond", "cond", True)
+    assert config["attention"] == [5, 2] and config["optimizer"] == "adamw"
+    assert "label_embed.weight" in state["model"] and "attn3.qkv.weight" in state["model"]
+    grid = mpimg.imread(os.path.join(runs["cond"], "samples", "epoch_001.png"))
+    # one image per class, one row per class: a 10 x 1 grid (28 px + 2 padding, upscaled 2x)
+    assert grid.shape[0] == 2 * (10 * 30 + 2) and grid.shape[1] == 2 * (30 + 2)
+    with np.load(os.path.join(runs["cond"], "samples_em.npz")) as f:
+        assert np.array_equal(f["labels"], np.arange(10))
+        assert f["images"].min() >= 0 and f["images"].max() <= 1
+    assert "label_embed.weight" not in train.load_checkpoint(
+        os.path.join(runs["uncond"], "checkpoint.npz"))["model"]
+
+
+def test_sample_writes_the_documented_npz(runs, tmp_path, capsys):
+    out = tmp_path / "nines.npz"
+    assert call("sample", runs["cond"], "--labels", "9,2", "--num-samples", "6", "--steps", "3",
+                "--guidance", "2", "--out", out, "--no-progress") == 0
+    with np.load(out) as f:
+        images, labels = f["images"], f["labels"]
+        assert images.shape == (6, 1, 28, 28) and images.dtype == np.float32
+        assert 0 <= images.min() and images.max() <= 1
+        assert labels.tolist() == [9, 9, 9, 2, 2, 2] and float(f["guidance"]) == 2.0
+        assert int(f["nfe"]) == 3 and str(f["sampler"]) == "em"
+    assert (tmp_path / "nines.png").is_file()
+    # the same seed gives the same images; --per-class K gives K of each class
+    assert call("sample", runs["cond"], "--labels", "9,2", "--num-samples", "6", "--steps", "3",
+                "--guidance", "2", "--out", tmp_path / "again.npz", "--no-progress") == 0
+    assert np.array_equal(np.load(tmp_path / "again.npz")["images"], images)
+    assert call("sample", runs["cond"], "--per-class", "2", "--steps", "3", "--out",
+                tmp_path / "pc.npz", "--grid", tmp_path / "grid.png", "--no-progress") == 0
+    assert np.array_equal(np.load(tmp_path / "pc.npz")["labels"], np.repeat(np.arange(10), 2))
+    # an unconditional run: images only, no labels
+    assert call("sample", runs["uncond"], "--num-samples", "3", "--steps", "3", "--out",
+                tmp_path / "u.npz", "--no-progress") == 0
+    with np.load(tmp_path / "u.npz") as f:
+        assert "labels" not in f.files and f["images"].shape == (3, 1, 28, 28)
+
+
+def test_evaluate_prints_rows_and_a_guidance_sweep(runs, root, tmp_path, capsys):
+    plot = tmp_path / "sweep.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # 20 samples < 128 feature dimensions
+        capsys.readouterr()
+        assert call("evaluate", runs["cond"], "--samples", "20", "--steps", "3", "--guidance",
+                    "0,2", "--header", "--plot", plot, "--data", root, "--no-progress") == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| mnist")]
+    assert lines[0].startswith("| data set | model | sampler | steps (NFE) | guidance |")
+    assert [r[4] for r in rows] == ["0", "2"] and all(r[7].startswith("cond. acc. ") for r in rows)
+    assert plot.is_file() and (tmp_path / "sweep.csv").read_text().count("\n") == 3
+    # scoring the .npz of `tinydiff sample` instead of drawing
+    npz = tmp_path / "s.npz"
+    assert call("sample", runs["cond"], "--num-samples", "20", "--steps", "3", "--out", npz,
+                "--no-progress") == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        capsys.readouterr()
+        assert call("evaluate", runs["cond"], "--samples", "20", "--from-file", npz, "--data",
+                    root) == 0
+    assert "cond. acc." in capsys.readouterr().out
+
+
+def test_examples_are_thin_calls_into_the_cli():
+    for name in ("mnist_uncond.py", "mnist_cond.py"):
+        text = open(os.path.join(ROOT, "examples", name)).read()
+        assert "cli.train_main(" in text and "argparse" not in text and len(text.splitlines()) < 40
+
+
+# -- bad values ----------------------------------------------------------------------------------
+
+TRAIN_BAD = [  # (flags, what the one-line message must name)
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-3"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"), (["--limit", "0"], "--limit"),
+    (["--sample-steps", "1"], "--sample-steps"), (["--num-samples", "0"], "--num-samples"),
+    (["--sample-every", "0"], "--sample-every"), (["--per-class", "-1"], "--per-class"),
+    (["--lr", "0"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "fast"], "--lr"),
+    (["--sigma", "1"], "--sigma"), (["--sigma", "-2"], "--sigma"),
+    (["--ema", "1"], "--ema"), (["--ema", "1.5"], "--ema"), (["--ema-warmup", "maybe"], "--ema-warmup"),
+    (["--warmup", "-1"], "--warmup"), (["--clip", "-1"], "--clip"), (["--clip", "0"], "--clip"),
+    (["--weight-decay", "-0.1"], "--weight-decay"), (["--min-lr", "2"], "--min-lr"),
+    (["--channels", "32,64"], "--channels"), (["--channels", "32,,64,8"], "--channels"),
+    (["--channels", "32,64,0,8"], "--channels"), (["--embed-dim", "7"], "--embed-dim"),
+    (["--p-uncond", "1.2"], "--p-uncond"), (["--attention", "7"], "--attention"),
+    (["--preset", "mnist-cond", "--heads", "3"], "num_heads=3"), (["--heads", "0"], "--heads"),
+    (["--guidance", "inf"], "--guidance"), (["--preset", "celeba"], "--preset"),
+    (["--recipe", "slow"], "--recipe"), (["--sampler", "ddim"], "--sampler"),
+    (["--resume", "--sample-only"], "--sample-only"), (["--seed", "-1"], "--seed"),
+    (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
+]
+
+
+def _one_line_error(err, name):
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0] and name in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags, name", TRAIN_BAD, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_train_flags_are_refused_before_anything_starts(flags, name, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert call("train", "--out", out, *flags) == 2
+    captured = capsys.readouterr()
+    _one_line_error(captured.err, name)
+    assert "[tinydiff.data]" not in captured.out + captured.err     # no data set was loaded
+    assert not out.exists()                                          # nothing was started
+
+
+def test_impossible_out_folders(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for out in (a_file, a_file / "sub"):
+        assert call("train", "--out", out) == 2
+        _one_line_error(capsys.readouterr().err, "--out")
+    assert a_file.read_text() == "keep me"
+
+
+def _snapshot(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, name))}
+
+
+def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):
+    cond, uncond = runs["cond"], runs["uncond"]
+    before = {k: _snapshot(v) for k, v in runs.items()}
+    cases = [  # (argv, exit code, what the message names)
+        (["sample", cond, "--num-samples", "0"], 2, "--num-samples"),
+        (["sample", cond, "--labels", "10"], 2, "--labels 10"),
+        (["sample", cond, "--labels=-1,3"], 2, "--labels -1"),
+        (["sample", cond, "--labels", "1.5"], 2, "--labels"),
+        (["sample", cond, "--labels", "1", "--per-class", "2"], 2, "--per-class"),
+        (["sample", cond, "--guidance", "nan"], 2, "--guidance"),
+        (["sample", cond, "--steps", "1"], 2, "--steps"),
+        (["sample", cond, "--out", tmp_path / "x.txt"], 2, "--out"),
+        (["sample", cond, "--out", tmp_path], 2, "--out"),
+        (["sample", uncond, "--labels", "1"], 2, "--labels"),
+        (["sample", uncond, "--per-class", "2"], 2, "--per-class"),
+        (["sample", uncond, "--guidance", "2"], 2, "--guidance"),
+        (["sample", tmp_path / "no_run"], 1, "no_run"),
+        (["sample", tmp_path], 1, "has no checkpoint.npz"),
+        (["evaluate", cond, "--samples", "-5"], 2, "--samples"),
+        (["evaluate", cond, "--guidance", "1,x"], 2, "--guidance"),
+        (["evaluate", uncond, "--guidance", "1"], 2, "--guidance"),
+        (["evaluate", cond, "--from-file", tmp_path / "none.npz"], 2, "--from-file"),
+        (["evaluate", cond, "--from-file", tmp_path / "s.npz", "--guidance", "0,1"], 2, "--from-file"),
+        ([], 2, "train,sample,evaluate"), (["fly"], 2, "fly"),
+    ]
+    (tmp_path / "s.npz").write_bytes(b"")
+    for argv, code, name in cases:
+        assert call(*argv) == code, argv
+        captured = capsys.readouterr()
+        _one_line_error(captured.err, name)
+    assert {k: _snapshot(v) for k, v in runs.items()} == before     # nothing on disk changed
+
+
+def test_in_a_fresh_interpreter_there_is_no_traceback(runs, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    for argv, code in ((["train", "--epochs", "0"], 2), (["sample", runs["cond"], "--labels", "12"], 2),
+                       (["sample", str(tmp_path / "none")], 1)):
+        out = subprocess.run([sys.executable, "-m", "tinydiff", *argv], capture_output=True,
+                             text=True, timeout=120, env=env, cwd=str(tmp_path))
+        assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
