@@ -236,10 +236,12 @@ def test_guidance_argument_errors():
         sampling.model_score_fn(model, labels=np.zeros(2, int), guidance="strong")
     with pytest.raises(ValueError, match="needs labels"):
         sampling.model_score_fn(model, guidance=1.0)
-    with pytest.raises(ValueError, match="not class-conditional"):
-        sampling.model_score_fn(uncond, labels=np.zeros(2, int))
+    with pytest.raises(ValueError, match="has no null_label"):
+        sampling.model_score_fn(uncond, labels=np.zeros(2, int), guidance=1.0)
     fn = sampling.model_score_fn(model, labels=np.zeros(3, int), guidance=1.0)
     x, t, _ = _inputs(2)
+    with pytest.raises(ValueError, match="without num_classes"):
+        sampling.model_score_fn(uncond, labels=np.zeros(2, int))(x, t)
     with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         fn(x, t)
 

@@ -95,15 +95,18 @@ def model_score_fn(model, labels=None, guidance=0.0):
             out = model(Tensor(x), Tensor(t)) if y is None else model(Tensor(x), Tensor(t), y)
         return out.data if isinstance(out, Tensor) else out
 
+    w = _guidance_weight(guidance)
     if labels is None:
-        if _guidance_weight(guidance) != 0.0:
+        if w != 0.0:
             raise ValueError(f"guidance={guidance} needs labels: classifier-free guidance pushes "
                              "towards a class; pass labels= (or guidance=0)")
         return lambda x, t: cond_score(x, t, None)
+    if w == 0.0:   # plain conditional: the labels go to the model as they are
+        return lambda x, t: cond_score(x, t, labels)
     null = getattr(model, "null_label", None)
     if null is None:
-        raise ValueError(f"labels were given but {type(model).__name__} is not class-conditional "
-                         "(it has no null_label); sample it without labels")
+        raise ValueError(f"guidance needs a class-conditional model with a 'no label' token, but "
+                         f"{type(model).__name__} has no null_label; sample it with guidance=0")
     return guided_score_fn(cond_score, labels, guidance, null)
 
 
