@@ -8,8 +8,10 @@ the run's configuration) as JSON, with tuples and non-string dict keys kept exac
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 
 import numpy as np
 
@@ -64,13 +66,50 @@ def _decode(obj, arrays):
     return obj
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temp_files(path):
+    """Remove ``.NAME.tmp-PID`` files beside ``path`` left by saves that were killed (kill -9,
+    power loss) mid-write: a save only removes its own temporary file when it gets the chance,
+    and each one is as big as a checkpoint. Files of a process still alive are left alone.
+    Returns the paths removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(re.escape(f".{os.path.basename(path)}.tmp-") + r"(\d+)$")
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    return removed
+
+
 def save_checkpoint(path, state):
     """Write ``state`` (nested dicts/lists of arrays and JSON values) atomically: a temporary file
-    in the same folder, flushed to disk, then renamed over ``path``."""
+    in the same folder, flushed to disk, then renamed over ``path``. A failed write (a full disk)
+    raises OSError and leaves the previous file at ``path`` untouched."""
     arrays = {}
     meta = json.dumps({"format": FORMAT, "state": _encode(state, arrays)})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_stale_temp_files(path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -84,38 +123,67 @@ def save_checkpoint(path, state):
     return path
 
 
+def _read_meta(path, f):
+    """The checkpoint's metadata dict from an open .npz, or CheckpointError saying what the file is."""
+    if "__meta__" not in f.files:
+        raise CheckpointError(f"{path} is not a tinydiff training checkpoint (an .npz without "
+                              "tinydiff metadata); plain weight files load with model.load(path)")
+    raw = f["__meta__"]
+    if raw.dtype.kind == "U":   # a classifier weights file stores its metadata as a string
+        kind = "a file of another kind"
+        try:
+            if str(json.loads(str(raw)).get("format", "")).startswith("tinydiff-classifier"):
+                kind = "a classifier weights file (load it with tinydiff.models.classifier." \
+                       "load_classifier(path=...))"
+        except Exception:
+            pass
+        raise CheckpointError(f"{path} is {kind}, not a tinydiff training checkpoint")
+    meta = json.loads(raw.tobytes().decode())
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path} has format {got!r}, expected {FORMAT!r}: not a tinydiff "
+                              "training checkpoint of this version")
+    return meta
+
+
+def _unreadable(path, e):
+    """One line for a file np.load cannot read: not an .npz at all, or a cut-off one."""
+    return CheckpointError(f"{path} is corrupt or truncated, or not a tinydiff checkpoint (not a "
+                           f"readable .npz archive: {type(e).__name__}); use an older copy or "
+                           "start a new run in another folder")
+
+
 def load_checkpoint(path):
     """The state saved by ``save_checkpoint``; CheckpointError if missing, foreign or corrupt."""
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise CheckpointError(f"{path} is a folder; pass the checkpoint file inside it "
+                                  f"({os.path.join(path, CHECKPOINT)})")
         raise CheckpointError(f"no checkpoint at {path}")
+    remove_stale_temp_files(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "__meta__" not in f.files:
-                raise CheckpointError(f"{path} is not a tinydiff training checkpoint (no metadata); "
-                                      "plain weight files load with model.load(path)")
-            meta = json.loads(f["__meta__"].tobytes().decode())
+            meta = _read_meta(path, f)
             arrays = {k: f[k] for k in f.files if k != "__meta__"}
     except CheckpointError:
         raise
-    except Exception as e:   # zipfile.BadZipFile, EOFError, ValueError, json errors...
-        raise CheckpointError(f"{path} is corrupt or truncated ({type(e).__name__}: {e}); use an "
-                              "older copy or start a new run") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    except Exception as e:   # ValueError (not a zip: NumPy's pickle hint), BadZipFile, EOFError..
+        raise _unreadable(path, e) from e
     return _decode(meta["state"], arrays)
 
 
 def read_config(path):
     """The run configuration stored in a checkpoint, without loading its arrays."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(f["__meta__"].tobytes().decode())
-        return meta["state"]["config"]
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
+            meta = _read_meta(path, f)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable tinydiff checkpoint ({type(e).__name__}: "
-                              f"{e})") from e
+        raise _unreadable(path, e) from e
+    return meta["state"]["config"]
 
 
 def resolve_config(recipes, defaults, explicit, resume_from=None):
@@ -143,6 +211,21 @@ def config_differences(saved, current, allowed=RESUMABLE_CHANGES):
     return out
 
 
+def architecture_differences(config, model):
+    """'channels=[32, 64, 128, 256], you asked for [16, 32, 64, 128]' for every setting stored in
+    a checkpoint's config that is also an attribute of ``model`` and differs from it."""
+    out = []
+    for k, v in sorted(jsonable(config).items()):
+        if k in RESUMABLE_CHANGES or not hasattr(model, k) or callable(getattr(model, k)):
+            continue
+        mine = jsonable({k: getattr(model, k)})[k]
+        if isinstance(v, str) and isinstance(mine, list):   # "32,64" as the command line stores it
+            v = [int(c) if c.strip().lstrip("-").isdigit() else c for c in v.split(",")]
+        if v != mine:
+            out.append(f"{k}={v}, you asked for {mine}")
+    return out
+
+
 def load_model_weights(path, model, use_ema=True):
     """Load a training checkpoint's weights into ``model`` (the EMA average when the run kept one
     and ``use_ema``); returns the checkpoint state (for its config, epoch, ...)."""
@@ -154,5 +237,24 @@ def load_model_weights(path, model, use_ema=True):
     try:
         model.load_state_dict(weights)
     except Exception as e:
-        raise CheckpointError(f"{path} does not fit this model: {e}") from e
+        diffs = architecture_differences(state.get("config") or {}, model)
+        if diffs:
+            raise CheckpointError(f"{path} does not fit this model: this checkpoint was trained "
+                                  f"with {'; '.join(diffs)}; build the model with the "
+                                  "checkpoint's settings") from e
+        mine = set(model.state_dict())
+        theirs = set(weights)
+        misshaped = sorted(k for k in mine & theirs
+                           if tuple(weights[k].shape) != tuple(model.state_dict()[k].shape))
+        raise CheckpointError(
+            f"{path} does not fit this {type(model).__name__}: {len(misshaped)} mis-shaped, "
+            f"{len(mine - theirs)} missing and {len(theirs - mine)} unexpected tensors"
+            + (f" (first: {misshaped[0]} is {tuple(weights[misshaped[0]].shape)} in the "
+               f"checkpoint, {tuple(model.state_dict()[misshaped[0]].shape)} here)" if misshaped
+               else "") + "; it was saved from another architecture") from e
     return state
+
+
+def is_disk_full(error):
+    """True for the OSErrors of a full disk or quota."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
