@@ -125,6 +125,9 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
 
     if sampler not in ("em", "pc", "ode"):
         raise ValueError(f"sampler must be 'em', 'pc' or 'ode', got {sampler!r}")
+    # checked now, not after the first epoch of training when the samples are drawn
+    sampling._check(f"make_sample_fn({sampler!r})", sde, eps,
+                    None if sampler == "ode" else num_steps, shape)
 
     def sample_fn(model, seed):
         be = model.backend
