@@ -8,7 +8,6 @@ the run's configuration) as JSON, with tuples and non-string dict keys kept exac
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -26,6 +25,11 @@ RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "progress", "sampler",
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model / configuration."""
+
+
+class SaveError(CheckpointError):
+    """A run's files could not be written (a full disk, a folder turned read-only); the previous
+    checkpoint is kept."""
 
 
 
@@ -255,6 +259,10 @@ def load_model_weights(path, model, use_ema=True):
     return state
 
 
-def is_disk_full(error):
-    """True for the OSErrors of a full disk or quota."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+def resume_advice(out_dir):
+    """What to tell a user whose run in ``out_dir`` was interrupted: resume when a checkpoint
+    exists, else start again (``--resume`` would only fail)."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    if os.path.isfile(path):
+        return f"run again with --resume to continue from {path}"
+    return f"nothing was saved in {out_dir}; run again without --resume to start over"

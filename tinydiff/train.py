@@ -36,18 +36,14 @@ from . import data as _data
 from . import plot as _plot
 from .backend import Generator, backend_of, get_backend
 from .checkpoint import (CHECKPOINT, RESUMABLE_CHANGES, CheckpointError,  # noqa: F401 (re-exports)
-                         config_differences, jsonable, load_checkpoint, load_model_weights,
-                         read_config, resolve_config, save_checkpoint)
+                         SaveError, config_differences, jsonable, load_checkpoint,
+                         load_model_weights, read_config, resolve_config, resume_advice,
+                         save_checkpoint)
 from .tensor import no_grad
 
 
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient became NaN or Inf."""
-
-
-class SaveError(CheckpointError):
-    """A run's files could not be written (a full disk, a folder turned read-only); the previous
-    checkpoint is kept."""
 
 
 # -- randomness ------------------------------------------------------------------------------
@@ -571,15 +567,6 @@ class Trainer:
 def train(model, optimizer, loss_fn, images, labels=None, resume=False, **kwargs):
     """Build a Trainer and run it: ``train(...)`` = ``Trainer(...).fit(resume)``."""
     return Trainer(model, optimizer, loss_fn, images, labels, **kwargs).fit(resume=resume)
-
-
-def resume_advice(out_dir):
-    """What to tell a user whose run in ``out_dir`` was interrupted: resume when a checkpoint
-    exists, else start again (``--resume`` would only fail)."""
-    path = os.path.join(out_dir, CHECKPOINT)
-    if os.path.isfile(path):
-        return f"run again with --resume to continue from {path}"
-    return f"nothing was saved in {out_dir}; run again without --resume to start over"
 
 
 # -- small helpers ---------------------------------------------------------------------------
