@@ -312,3 +312,14 @@ def test_train_classifier_writes_under_runs_by_default(monkeypatch, tmp_path):
     mod.run(mod.parse_args(["--epochs", "1"]))
     assert written["p"] == os.path.join("runs", "classifier_mnist.npz")
     assert not os.path.abspath(written["p"]).startswith(os.path.dirname(shipped_weights_path("mnist")))
+
+
+def test_resuming_another_run_is_one_line_without_strict_advice(tmp_path):
+    tiny_trainer(tmp_path, epochs=1).fit()
+    with pytest.raises(train.CheckpointError) as err:
+        tiny_trainer(tmp_path, lr=2e-2).fit(resume=True)
+    assert "\n" not in str(err.value) and "lr: checkpoint 0.01, now 0.02" in str(err.value)
+    with pytest.raises(train.CheckpointError) as err:    # a config that does not name the change
+        tiny_trainer(tmp_path, hidden=6, config={"lr": 1e-2, "hidden": 4}).fit(resume=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "strict=False" not in msg and "5 mis-shaped" in msg

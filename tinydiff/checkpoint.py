@@ -230,6 +230,24 @@ def architecture_differences(config, model):
     return out
 
 
+def misfit_message(path, weights, model, config=None):
+    """One line on why ``weights`` (from the checkpoint ``path``) do not load into ``model``: the
+    stored settings that differ from the model's, else a count of the mismatched tensors and the
+    first one (not every key, and no strict=False advice a command line cannot take)."""
+    diffs = architecture_differences(config or {}, model)
+    if diffs:
+        return (f"{path} does not fit this model: this checkpoint was trained with "
+                f"{'; '.join(diffs)}; build the model with the checkpoint's settings")
+    mine = model.state_dict()
+    misshaped = [k for k in mine if k in weights   # in the model's order: the first layer first
+                 and tuple(weights[k].shape) != tuple(mine[k].shape)]
+    first = (f" (first: {misshaped[0]} is {tuple(weights[misshaped[0]].shape)} in the checkpoint, "
+             f"{tuple(mine[misshaped[0]].shape)} here)" if misshaped else "")
+    return (f"{path} does not fit this {type(model).__name__}: {len(misshaped)} mis-shaped, "
+            f"{len(set(mine) - set(weights))} missing and {len(set(weights) - set(mine))} "
+            f"unexpected tensors{first}; it was saved from another architecture")
+
+
 def load_model_weights(path, model, use_ema=True):
     """Load a training checkpoint's weights into ``model`` (the EMA average when the run kept one
     and ``use_ema``); returns the checkpoint state (for its config, epoch, ...)."""
@@ -241,21 +259,7 @@ def load_model_weights(path, model, use_ema=True):
     try:
         model.load_state_dict(weights)
     except Exception as e:
-        diffs = architecture_differences(state.get("config") or {}, model)
-        if diffs:
-            raise CheckpointError(f"{path} does not fit this model: this checkpoint was trained "
-                                  f"with {'; '.join(diffs)}; build the model with the "
-                                  "checkpoint's settings") from e
-        mine = set(model.state_dict())
-        theirs = set(weights)
-        misshaped = sorted(k for k in mine & theirs
-                           if tuple(weights[k].shape) != tuple(model.state_dict()[k].shape))
-        raise CheckpointError(
-            f"{path} does not fit this {type(model).__name__}: {len(misshaped)} mis-shaped, "
-            f"{len(mine - theirs)} missing and {len(theirs - mine)} unexpected tensors"
-            + (f" (first: {misshaped[0]} is {tuple(weights[misshaped[0]].shape)} in the "
-               f"checkpoint, {tuple(model.state_dict()[misshaped[0]].shape)} here)" if misshaped
-               else "") + "; it was saved from another architecture") from e
+        raise CheckpointError(misfit_message(path, weights, model, state.get("config"))) from e
     return state
 
 

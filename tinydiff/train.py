@@ -37,8 +37,8 @@ from . import plot as _plot
 from .backend import Generator, backend_of, get_backend
 from .checkpoint import (CHECKPOINT, RESUMABLE_CHANGES, CheckpointError,  # noqa: F401 (re-exports)
                          SaveError, config_differences, jsonable, load_checkpoint,
-                         load_model_weights, read_config, resolve_config, resume_advice,
-                         save_checkpoint)
+                         load_model_weights, misfit_message, read_config, resolve_config,
+                         resume_advice, save_checkpoint)
 from .tensor import no_grad
 
 
@@ -297,10 +297,13 @@ class Trainer:
         problems = config_differences(st["config"], self.config)
         problems += config_differences(st["run_key"], self.run_key, allowed=())
         if problems:
-            raise CheckpointError(f"{path} was written by a different run:\n  " + "\n  ".join(problems)
-                                  + "\nResume with the same settings, or use a new output folder.")
+            raise CheckpointError(f"{path} was written by a different run ({'; '.join(problems)}); "
+                                  "resume with the same settings, or use a new output folder")
         try:
             self.model.load_state_dict(st["model"])
+        except Exception as e:   # settings or tensors of another architecture: say which
+            raise CheckpointError(misfit_message(path, st["model"], self.model, st["config"])) from e
+        try:
             self.optimizer.load_state_dict(st["optimizer"])
             if (st["ema"] is None) != (self.ema is None):
                 raise CheckpointError("one of the checkpoint and this run keeps an EMA, the other "
