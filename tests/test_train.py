@@ -184,6 +184,21 @@ def test_full_disk_on_the_first_save_says_there_is_no_checkpoint(tmp_path, monke
     assert not os.path.exists(tmp_path / "checkpoint.npz") and temp_files(tmp_path) == []
 
 
+def test_full_disk_for_the_logs_too_is_said(tmp_path, monkeypatch):
+    t = make_trainer(tmp_path, epochs=2)
+    t.fit()
+    t.epochs = 3
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(train, "_write_csv", full)
+    with pytest.raises(train.SaveError, match="the CSV logs could not be written either; the "
+                                              r"previous checkpoint \(2 epochs done, step 10\)"):
+        t.fit(resume=True)
+    assert train.load_checkpoint(t.checkpoint_path)["epoch"] == 2 and temp_files(tmp_path) == []
+
+
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
