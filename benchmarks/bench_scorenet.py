@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tinydiff as td  # noqa: E402
+from tinydiff import argtypes as A  # noqa: E402
 import tinydiff.nn.functional as F  # noqa: E402
 from tinydiff import nn  # noqa: E402
 from tinydiff.models import ScoreNet  # noqa: E402
@@ -376,15 +377,16 @@ def attention_pairs(backend, device, batch):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", default="numpy", help="numpy (default), cupy or strict")
-    ap.add_argument("--repeats", type=int, default=15, help="timed rounds per measurement")
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
+                    help="numpy (default), cupy or strict")
+    ap.add_argument("--repeats", type=A.positive_int, default=15, help="timed rounds per measurement")
+    ap.add_argument("--warmup", type=A.nonnegative_int, default=3)
+    ap.add_argument("--batches", type=A.positive_int, nargs="+", default=[64, 128])
+    ap.add_argument("--threads", type=A.positive_int, default=None,
                     help="threads for both NumPy's BLAS and PyTorch (default: all cores)")
-    ap.add_argument("--gap-ms", type=float, default=30.0,
+    ap.add_argument("--gap-ms", type=A.nonnegative_float, default=30.0,
                     help="untimed pause before each timed call (lets spinning thread pools idle)")
-    ap.add_argument("--inner", type=int, default=1,
+    ap.add_argument("--inner", type=A.positive_int, default=1,
                     help="back-to-back calls per timed block (time per call is reported); e.g. 5 "
                          "measures a loop's steady state, as training and sampling run")
     ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")

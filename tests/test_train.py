@@ -3,9 +3,13 @@
 Runs a tiny score model (a conv and a time embedding on 8x8 images) for a few dozen steps per test
 so that resume can be checked bit for bit on the CPU.
 """
+import errno
 import hashlib
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -52,6 +56,11 @@ def make_trainer(out, epochs=3, backend="numpy", loss_fn=None, init_seed=0, lr=1
                          ema=optim.EMA(model, 0.9) if ema else None, scheduler=sched,
                          config=config or {"lr": lr, "hidden": hidden, "epochs": epochs},
                          progress=False, **kw)
+
+
+def temp_files(folder):
+    """Hidden temporary files of interrupted saves (checkpoint or CSV), which must never remain."""
+    return sorted(n for n in os.listdir(folder) if ".tmp-" in n)
 
 
 def weights(trainer):
@@ -109,9 +118,11 @@ def test_keyboard_interrupt_mid_step_saves_and_resumes_exactly(tmp_path, referen
         t.fit()
     state = train.load_checkpoint(t.checkpoint_path)
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (7, 1, 2)
+    assert temp_files(tmp_path) == []
     resumed = make_trainer(tmp_path, init_seed=5)
     resumed.fit(resume=True)
     assert_same_run(resumed, reference_run)
+    assert temp_files(tmp_path) == []
 
 
 def test_sigint_stops_after_the_step_and_resumes_exactly(tmp_path, reference_run):
@@ -129,9 +140,122 @@ def test_sigint_stops_after_the_step_and_resumes_exactly(tmp_path, reference_run
         t.fit()
     assert signal.getsignal(signal.SIGINT) is before          # handler restored
     assert train.load_checkpoint(t.checkpoint_path)["step"] == 12   # the step in flight finished
+    assert temp_files(tmp_path) == []
     resumed = make_trainer(tmp_path, init_seed=5)
     resumed.fit(resume=True)
     assert_same_run(resumed, reference_run)
+
+
+# -- faults: a full disk, kill -9 during a save, Ctrl-C before any checkpoint -------------------
+
+def test_full_disk_at_the_end_of_epoch_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                         reference_run):
+    t = make_trainer(tmp_path, epochs=3)
+    real_savez, calls = np.savez, {"n": 0}
+
+    def savez(f, *args, **kw):   # the second save (after epoch 2) meets a full disk mid-write
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(f, *args, **kw)
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(train.SaveError) as err:
+        t.fit()
+    msg = str(err.value)
+    assert "\n" not in msg and "No space left on device" in msg and "after epoch 2" in msg
+    assert "(1 epochs done, step 5) is kept" in msg and "--resume" in msg
+    assert train.load_checkpoint(t.checkpoint_path)["epoch"] == 1        # the previous one, intact
+    assert temp_files(tmp_path) == []
+    rows = open(tmp_path / "loss_steps.csv").read().splitlines()
+    assert len(rows) == 1 + 10            # the CSV logs of both epochs were still written
+    monkeypatch.setattr(np, "savez", real_savez)
+    resumed = make_trainer(tmp_path, init_seed=5)                       # space freed: resume
+    resumed.fit(resume=True)
+    assert_same_run(resumed, reference_run)
+
+
+def test_full_disk_on_the_first_save_says_there_is_no_checkpoint(tmp_path, monkeypatch):
+    def savez(f, *args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(train.SaveError, match="no checkpoint exists yet.*without --resume"):
+        make_trainer(tmp_path, epochs=1).fit()
+    assert not os.path.exists(tmp_path / "checkpoint.npz") and temp_files(tmp_path) == []
+
+
+def test_full_disk_for_the_logs_too_is_said(tmp_path, monkeypatch):
+    t = make_trainer(tmp_path, epochs=2)
+    t.fit()
+    t.epochs = 3
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(train, "_write_csv", full)
+    with pytest.raises(train.SaveError, match="the CSV logs could not be written either; the "
+                                              r"previous checkpoint \(2 epochs done, step 10\)"):
+        t.fit(resume=True)
+    assert train.load_checkpoint(t.checkpoint_path)["epoch"] == 2 and temp_files(tmp_path) == []
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    from tinydiff import checkpoint
+    def savez(f, **arrays):          # write part of the file, then die as kill -9 would
+        f.write(b"PK" + b"x" * 100000)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    np.savez = savez
+    checkpoint.save_checkpoint(sys.argv[1], {"w": np.zeros(10)})
+""")
+
+
+def test_kill_during_save_leaves_no_temp_file_after_the_next_save_or_load(tmp_path):
+    path = str(tmp_path / "checkpoint.npz")
+    train.save_checkpoint(path, {"w": np.ones(3)})
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(td.__file__)))}
+    for _ in range(2):   # each killed save leaves its own debris, and clears the one before
+        r = subprocess.run([sys.executable, "-c", KILLED_SAVE, path], env=env, timeout=120)
+        assert r.returncode == -signal.SIGKILL
+        assert len(temp_files(tmp_path)) == 1
+    assert train.load_checkpoint(path)["w"].tolist() == [1, 1, 1]  # the last good one survived
+    assert temp_files(tmp_path) == []                            # ... and loading cleared it
+    subprocess.run([sys.executable, "-c", KILLED_SAVE, path], env=env, timeout=120)
+    train.save_checkpoint(path, {"w": np.full(3, 2.0)})          # so does the next save
+    assert temp_files(tmp_path) == [] and train.load_checkpoint(path)["w"].tolist() == [2, 2, 2]
+
+
+def test_temp_file_of_a_live_process_is_left_alone(tmp_path):
+    path = str(tmp_path / "checkpoint.npz")
+    live = tmp_path / f".checkpoint.npz.tmp-{os.getppid()}"      # our parent is alive
+    live.write_bytes(b"being written")
+    train.save_checkpoint(path, {"w": np.ones(1)})
+    assert live.exists()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, capsys, monkeypatch):
+    t = make_trainer(tmp_path, epochs=1)
+
+    def interrupted_update():    # Ctrl-C while the very first update is being applied
+        raise KeyboardInterrupt
+    monkeypatch.setattr(t.optimizer, "step", interrupted_update)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    out = capsys.readouterr().out
+    assert "nothing was saved" in out and "without --resume" in out
+    assert "last good checkpoint" not in out and "--resume to continue" not in out
+    assert not os.path.exists(t.checkpoint_path) and temp_files(tmp_path) == []
+    assert "without --resume" in train.resume_advice(str(tmp_path))
+    make_trainer(tmp_path / "b", epochs=1).fit()
+    assert "with --resume" in train.resume_advice(str(tmp_path / "b"))
+
+
+def test_resume_of_a_finished_run_says_what_to_pass(tmp_path):
+    make_trainer(tmp_path, epochs=1).fit()
+    with pytest.raises(train.CheckpointError, match=r"already trained 1 of epochs=1.*--epochs 2"):
+        make_trainer(tmp_path, epochs=1).fit(resume=True)
 
 
 def test_same_losses_on_every_backend(tmp_path, backend, reference_run):

@@ -126,11 +126,74 @@ def file_md5(path, chunk=1 << 20):
     return _VERIFIED[key]
 
 
-def verify_md5(path, expected, url=None):
+def offline():
+    """True when TINYDIFF_OFFLINE forbids downloads: 1, true or yes (0, false, no or unset allow)."""
+    return os.environ.get("TINYDIFF_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+
+
+# what each IDX file of MNIST and Fashion-MNIST holds (both have the same layout)
+_IDX_CONTENT = {"train-images-idx3-ubyte.gz": ("training images", (60000, 28, 28)),
+                "train-labels-idx1-ubyte.gz": ("training labels", (60000,)),
+                "t10k-images-idx3-ubyte.gz": ("test images", (10000, 28, 28)),
+                "t10k-labels-idx1-ubyte.gz": ("test labels", (10000,))}
+
+
+def _known_file(md5):
+    """(title, filename) of the catalogue file with this MD5, or None."""
+    for info in DATASETS.values():
+        for name, m in info["md5"].items():
+            if m == md5:
+                return info["title"], name
+    return None
+
+
+def _idx_shape(path, opener):
+    """The shape an IDX header declares, or None when the file is not IDX at all."""
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
+                return None
+            return tuple(int(d) for d in np.frombuffer(f.read(4 * head[3]), ">u4"))
+    except (OSError, EOFError, zlib.error, ValueError):
+        return None
+
+
+def _mismatch_reason(path, dataset_title, filename):
+    """Why a file with the right name has the wrong MD5, when it can be told: another data set's
+    file, another file of the same set, a gunzipped copy, or an IDX file of the wrong size."""
+    other = _known_file(file_md5(path))
+    if other is not None:
+        return f"this is the {other[0]} file {other[1]}, not the {dataset_title} file {filename}"
+    if filename not in _IDX_CONTENT:
+        return None
+    what, shape = _IDX_CONTENT[filename]
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    if not gzipped:
+        if _idx_shape(path, open) is not None:
+            return ("it is not gzip-compressed (a gunzipped copy under the .gz name?); the "
+                    "original .gz is expected: compress it (`gzip -c RAW > NAME.gz`) or fetch it again")
+        return "it is not a gzip file"
+    found = _idx_shape(path, gzip.open)
+    if found is not None and found != shape:
+        return (f"this is not the {dataset_title} {what} file: its IDX header says shape {found}, "
+                f"the {what} file holds {shape}")
+    return None
+
+
+def verify_md5(path, expected, url=None, dataset_title=None):
     """Raise DataError naming ``path`` and the expected checksum unless its MD5 is ``expected``."""
     actual = file_md5(path)
     if actual != expected:
-        fix = f"Delete it and run again to download a fresh copy{f' from {url}' if url else ''}."
+        filename = os.path.basename(path)
+        reason = _mismatch_reason(path, dataset_title or "expected", filename)
+        if offline():
+            fix = f"Replace it with a good copy of {filename} (TINYDIFF_OFFLINE is set)."
+        else:
+            fix = f"Delete it and run again to download a fresh copy{f' from {url}' if url else ''}."
+        if reason is not None:
+            raise DataError(f"{path}: {reason} (MD5 {actual}, expected {expected}). {fix}")
         raise DataError(f"{path} is corrupt or truncated: its MD5 is {actual}, expected {expected} "
                         f"({os.path.getsize(path)} bytes on disk). {fix}")
 
@@ -155,12 +218,20 @@ def fetch(dataset, filename, root=None, download=True):
         path = os.path.join(folder, info["folder"], filename)
         searched.append(path)
         if os.path.isfile(path):
-            verify_md5(path, expected, url=info["mirrors"][0] + filename)
+            verify_md5(path, expected, url=info["mirrors"][0] + filename,
+                       dataset_title=info["title"])
             return path
-    if not download or os.environ.get("TINYDIFF_OFFLINE"):
-        raise DataError(f"{info['title']} file {filename} not found; looked at: "
+    gunzipped = [p[:-3] for p in searched if p.endswith(".gz") and os.path.isfile(p[:-3])]
+    if gunzipped:   # the MD5s are of the compressed files, so the .gz is what must be there
+        raise DataError(f"found {gunzipped[0]} but {filename} (the gzip-compressed file) is "
+                        f"expected; compress it again with `gzip -k {gunzipped[0]}`, or put the "
+                        "original .gz beside it")
+    if not download or offline():
+        why = ("TINYDIFF_OFFLINE is set, so nothing is fetched" if offline() else
+               "download=False")
+        raise DataError(f"{info['title']} file {filename} not found ({why}); looked at: "
                         + ", ".join(searched) + ". Set TINYDIFF_DATA to the folder holding "
-                        f"{info['folder']}/{filename}, or allow the download.")
+                        f"{info['folder']}/{filename}, or copy the file into one of those folders.")
     return _download(info, filename, os.path.join(cache_dir(), info["folder"]), searched)
 
 
@@ -267,7 +338,7 @@ def _find_local(dataset, filename, root):
     for folder, _ in data_roots(root):
         path = os.path.join(folder, info["folder"], filename)
         if os.path.isfile(path):
-            verify_md5(path, info["md5"][filename])
+            verify_md5(path, info["md5"][filename], dataset_title=info["title"])
             return path
     return None
 

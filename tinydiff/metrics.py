@@ -20,6 +20,9 @@ count, classifier and seed beside every score.
 Images may be given as (N, H, W) or (N, C, H, W), uint8 in [0, 255] or floats in [0, 1], on any
 backend (or as Tensors); they are brought to the host, checked against the classifier's expected
 shape, clipped to [0, 1] (as saving them as pictures would) and fed in batches under ``no_grad``.
+Float images that are non-negative but reach above 1 + ``OVERSHOOT`` are refused, not clipped:
+that is the signature of 0..255 pixels never divided by 255. A sampler's raw output (which
+overshoots on both sides, a lot for an untrained model) is clipped as a picture would be.
 """
 from __future__ import annotations
 
@@ -37,6 +40,11 @@ from .tensor import Tensor, no_grad
 
 class MetricError(ValueError):
     """Inputs a metric cannot be computed from (wrong shapes, too few samples, ...)."""
+
+
+# how far above 1 non-negative float images may reach and still be clipped (a sampler's overshoot);
+# beyond it they look like 0..255 pixels, a scale mistake that clipping would hide
+OVERSHOOT = 0.5
 
 
 # -- Fréchet distance between feature sets ------------------------------------------------------
@@ -157,6 +165,11 @@ def prepare_images(images, image_shape=None, name="images", clip=True):
                           "data set")
     if not np.isfinite(x).all():
         raise MetricError(f"{name}: contain NaN or inf (a diverged sampler?)")
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= -OVERSHOOT and hi > 1 + OVERSHOOT:
+        raise MetricError(f"{name}: float images must lie in [0, 1], got values in [{lo:.4g}, "
+                          f"{hi:.4g}]; divide 0..255 pixels by 255 (or pass them as uint8), or "
+                          "np.clip a sampler's output to [0, 1] first")
     return np.clip(x, 0.0, 1.0) if clip else x
 
 

@@ -59,9 +59,34 @@ def _setup(shape, rng, backend, x_init):
     return be, rng
 
 
+def _check(name, sde, eps, num_steps=None, shape=None, rtol=None, atol=None):
+    """Refuse arguments a sampler cannot honour, naming the argument (instead of a math domain
+    error, an endless solve or NaN samples later)."""
+    T = float(sde.T)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) \
+            or not math.isfinite(eps) or not 0 < eps < T:
+        raise ValueError(f"{name}: eps must lie in (0, T = {T:g}), got {eps!r}")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
+            num_steps, (int, np.integer)) or num_steps < 2):
+        raise ValueError(f"{name}: num_steps must be an integer >= 2, got {num_steps!r}")
+    if shape is not None:
+        shape = tuple(shape)
+        if not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                            for d in shape):
+            raise ValueError(f"{name}: shape must be positive integers (N, ...), got {shape!r}")
+    for what, tol in (("rtol", rtol), ("atol", atol)):
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float, np.number))
+                                or not math.isfinite(tol) or tol <= 0):
+            raise ValueError(f"{name}: {what} must be a finite number > 0 (e.g. 1e-5), got {tol!r}")
+
+
 def _score(score_fn, x, t):
     out = score_fn(x, t)
-    return out.data if isinstance(out, Tensor) else out
+    out = out.data if isinstance(out, Tensor) else out
+    if tuple(getattr(out, "shape", ())) != tuple(x.shape):   # broadcasting would hide the bug
+        raise ValueError(f"score_fn returned shape {tuple(getattr(out, 'shape', ()))} for x of "
+                         f"shape {tuple(x.shape)}; it must return the score with x's shape")
+    return out
 
 
 def _per_sample(a, ndim):
@@ -206,8 +231,7 @@ def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, back
         The noise-free mean x + g^2 s dt of the last step, an array of ``shape`` on the backend
         (as the reference tutorial returns).
     """
-    if num_steps < 2:
-        raise ValueError(f"euler_maruyama needs num_steps >= 2, got {num_steps}")
+    _check("euler_maruyama", sde, eps, num_steps, shape)
     be, rng = _setup(shape, rng, backend, x_init)
     xp = be.xp
     x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init.astype(dtype)
@@ -237,8 +261,13 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
     stays on the device (a 0-d array): no host sync. Other arguments as ``euler_maruyama``.
     Returns the noise-free mean of the last predictor step.
     """
-    if num_steps < 2:
-        raise ValueError(f"predictor_corrector needs num_steps >= 2, got {num_steps}")
+    _check("predictor_corrector", sde, eps, num_steps, shape)
+    if not (isinstance(snr, (int, float, np.number)) and math.isfinite(snr) and snr > 0):
+        raise ValueError(f"predictor_corrector: snr must be a finite number > 0, got {snr!r}")
+    if isinstance(n_corrector, bool) or not isinstance(n_corrector, (int, np.integer)) \
+            or n_corrector < 0:
+        raise ValueError(f"predictor_corrector: n_corrector must be an integer >= 0, got "
+                         f"{n_corrector!r}")
     be, rng = _setup(shape, rng, backend, x_init)
     xp = be.xp
     x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init.astype(dtype)
@@ -253,7 +282,10 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
         for _ in range(n_corrector):                     # corrector: Langevin dynamics at time t
             s = _score(score_fn, x, t_batch)
             grad_norm = xp.sqrt((s * s).reshape(n, -1).sum(axis=1)).mean()
-            step = 2 * (snr * noise_norm / grad_norm) ** 2
+            # A zero score gives Langevin nothing to follow: the step is 0 (x unchanged) instead
+            # of inf * 0 = NaN. Decided on the device, so there is still no host sync.
+            safe = xp.where(grad_norm > 0, grad_norm, 1)
+            step = xp.where(grad_norm > 0, 2 * (snr * noise_norm / safe) ** 2, 0)
             x = x + step * s + xp.sqrt(2 * step) * rng.normal(shape, dtype=dtype)
         g = sde.diffusion_coeff(t)                       # predictor: eq. 2
         mean = x + (g * g * dt) * _score(score_fn, x, t_batch)
@@ -276,6 +308,7 @@ def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1
     """
     from scipy import integrate
 
+    _check("ode_sampler", sde, eps, shape=shape, rtol=rtol, atol=atol)
     be, rng = _setup(shape, rng, backend, x_init)
     x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init
     n = shape[0]
@@ -285,6 +318,9 @@ def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1
         xs = be.asarray(state.reshape(shape), dtype=dtype)          # host -> device
         t_batch = be.xp.full((n,), t, dtype=dtype)
         s = be.to_host(_score(score_fn, xs, t_batch))                 # device -> host
+        if not np.isfinite(s).all():   # else the solver shrinks its step for ever
+            raise FloatingPointError(f"ode_sampler: the score is NaN or inf at t = {float(t):.4g}; "
+                                     "check the model (a diverged checkpoint?) or score_fn")
         if bar is not None:
             bar.update(1)
         return (-0.5 * sde.diffusion_coeff(float(t)) ** 2) * s.reshape(-1).astype(np.float64)
@@ -368,8 +404,11 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
     if estimator not in ("rademacher", "gaussian", "exact"):
         raise ValueError(f"estimator must be 'rademacher', 'gaussian' or 'exact', got {estimator!r}")
     x = x.data if isinstance(x, Tensor) else x
+    _check("ode_likelihood", sde, eps, rtol=rtol, atol=atol)
     be = backend_of(x)
     xp = be.xp
+    if not bool(xp.isfinite(x).all()):
+        raise ValueError("ode_likelihood: x contains NaN or inf; pass finite images")
     dtype = np.dtype(dtype or x.dtype)
     shape, n = tuple(x.shape), x.shape[0]
     if rng is None:
@@ -392,7 +431,13 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
         xt = Tensor(be.asarray(state[:-n].reshape(shape), dtype=dtype), requires_grad=True)
         tt = Tensor(xp.full((n,), t, dtype=dtype))
         out = score_model(xt, tt)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"ode_likelihood: the score model returned shape {tuple(out.shape)} "
+                             f"for x of shape {shape}; it must return x's shape")
         s = be.to_host(out.data).reshape(-1).astype(np.float64)
+        if not np.isfinite(s).all():
+            raise FloatingPointError(f"ode_likelihood: the score is NaN or inf at t = "
+                                     f"{float(t):.4g}; check the model")
         div = be.to_host(_divergence(out, xt, probes, estimator)).astype(np.float64)
         if bar is not None:
             bar.update(1)
@@ -439,6 +484,15 @@ def bits_per_dim(score_model, x, sde, rng=None, dequantize_data=True, **kwargs):
     """
     raw = x.data if isinstance(x, Tensor) else x
     be = backend_of(raw)
+    if not np.issubdtype(raw.dtype, np.floating):
+        raise ValueError(f"bits_per_dim: x must be float images in [0, 1], got dtype {raw.dtype} "
+                         "(divide uint8 pixels by 255)")
+    lo, hi = (float(v) for v in be.to_host(be.xp.stack([raw.min(), raw.max()])))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("bits_per_dim: x contains NaN or inf; pass finite images in [0, 1]")
+    if lo < -1e-6 or hi > 1 + 1e-6:   # the +8 bits assume [0, 1]; 0..255 gives ~170 bits/dim
+        raise ValueError(f"bits_per_dim: x must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
+                         + ("; divide 0..255 pixels by 255" if hi > 1.5 else ""))
     rng = be.default_rng() if rng is None else rng
     y = dequantize(raw, rng) if dequantize_data else raw
     d = int(np.prod(raw.shape[1:]))

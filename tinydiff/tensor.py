@@ -101,7 +101,14 @@ class Tensor:
             data = np.asarray(data)
         elif isinstance(data, (int, float, bool, list, tuple)):
             dtype = dtype or np.float32           # Python numbers: float32, the default precision
-            data = np.asarray(data, dtype=dtype)
+            try:
+                data = np.asarray(data, dtype=dtype)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"Tensor: data must be numbers, got {type(data).__name__} that "
+                                f"cannot become {np.dtype(dtype)} ({e})") from None
+        if getattr(data, "dtype", None) is not None and np.dtype(data.dtype).kind not in "biuf":
+            # strings, objects, dates would only fail later, far from here, inside some op
+            raise TypeError(f"Tensor: data must be a numeric or bool array, got dtype {data.dtype}")
         if backend is not None:
             data = get_backend(backend).asarray(data, dtype=dtype)
         else:

@@ -36,8 +36,9 @@ from . import data as _data
 from . import plot as _plot
 from .backend import Generator, backend_of, get_backend
 from .checkpoint import (CHECKPOINT, RESUMABLE_CHANGES, CheckpointError,  # noqa: F401 (re-exports)
-                         config_differences, jsonable, load_checkpoint, load_model_weights,
-                         read_config, resolve_config, save_checkpoint)
+                         SaveError, config_differences, jsonable, load_checkpoint,
+                         load_model_weights, misfit_message, read_config, resolve_config,
+                         resume_advice, save_checkpoint)
 from .tensor import no_grad
 
 
@@ -120,6 +121,9 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
 
     if sampler not in ("em", "pc", "ode"):
         raise ValueError(f"sampler must be 'em', 'pc' or 'ode', got {sampler!r}")
+    # checked now, not after the first epoch of training when the samples are drawn
+    sampling._check(f"make_sample_fn({sampler!r})", sde, eps,
+                    None if sampler == "ode" else num_steps, shape)
 
     def sample_fn(model, seed):
         be = model.backend
@@ -194,6 +198,15 @@ class Trainer:
                  drop_last=False, progress=True):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
+                                 ("sample_every", sample_every, 1),
+                                 ("max_consecutive_skips", max_consecutive_skips, 0)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"Trainer: {name} must be an integer >= {low}, got {value!r}")
+        if clip_grad is not None and not (isinstance(clip_grad, (int, float, np.number))
+                                          and math.isfinite(clip_grad) and clip_grad > 0):
+            raise ValueError(f"Trainer: clip_grad must be None (no clipping) or a finite number "
+                             f"> 0, got {clip_grad!r}")
         if len(images) == 0:
             raise ValueError("no training images")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -219,6 +232,7 @@ class Trainer:
         self.steps = {"loss": [], "grad_norm": [], "lr": [], "epoch": [], "skipped": []}
         self.epoch_log = []   # dicts: epoch, steps, mean_loss, seconds, skipped
         self._stop_requested = False
+        self._saved_at = None    # (epoch, step) of the checkpoint on disk, once there is one
         self._mutating = False
         self._phase = "idle"
 
@@ -250,7 +264,31 @@ class Trainer:
         if not self._params_finite():
             raise NonFiniteError("the model's weights contain NaN or Inf; not overwriting "
                                  f"{self.checkpoint_path}")
-        return save_checkpoint(self.checkpoint_path, self.state(rng_state))
+        path = save_checkpoint(self.checkpoint_path, self.state(rng_state))
+        self._saved_at = (self.epoch, self.step)
+        return path
+
+    def _save_or_stop(self, when, rng_state=None):
+        """Save; when the disk is full (or any write fails) keep the previous checkpoint, write
+        the CSV logs if they still fit, and stop the run with one line saying what to do.
+        Stopping, not retrying next epoch: a full disk rarely frees itself, and hours of training
+        that can never be saved are worse than a clear stop now."""
+        try:
+            return self.save(rng_state)
+        except OSError as e:
+            try:
+                self._write_logs()
+                logs = "the CSV logs are written"
+            except OSError:
+                logs = "the CSV logs could not be written either"
+            if self._saved_at is not None:
+                kept = (f"the previous checkpoint ({self._saved_at[0]} epochs done, step "
+                        f"{self._saved_at[1]}) is kept; free some space and run again with "
+                        "--resume (resume=True) to continue from it")
+            else:
+                kept = "no checkpoint exists yet; free some space and run again without --resume"
+            raise SaveError(f"could not save {self.checkpoint_path} {when} ({e.strerror or e}); "
+                            f"{logs}; {kept}") from e
 
     def load(self, path=None):
         """Restore everything from a checkpoint; clear errors when it is from another run."""
@@ -259,10 +297,13 @@ class Trainer:
         problems = config_differences(st["config"], self.config)
         problems += config_differences(st["run_key"], self.run_key, allowed=())
         if problems:
-            raise CheckpointError(f"{path} was written by a different run:\n  " + "\n  ".join(problems)
-                                  + "\nResume with the same settings, or use a new output folder.")
+            raise CheckpointError(f"{path} was written by a different run ({'; '.join(problems)}); "
+                                  "resume with the same settings, or use a new output folder")
         try:
             self.model.load_state_dict(st["model"])
+        except Exception as e:   # settings or tensors of another architecture: say which
+            raise CheckpointError(misfit_message(path, st["model"], self.model, st["config"])) from e
+        try:
             self.optimizer.load_state_dict(st["optimizer"])
             if (st["ema"] is None) != (self.ema is None):
                 raise CheckpointError("one of the checkpoint and this run keeps an EMA, the other "
@@ -285,6 +326,7 @@ class Trainer:
         self.steps = {k: [int(v) if k in ("epoch", "skipped") else float(v) for v in st["steps"][k]]
                       for k in self.steps}
         self.epoch_log = st["epoch_log"]
+        self._saved_at = (self.epoch, self.step)
         return st
 
     def _params_finite(self):
@@ -367,13 +409,22 @@ class Trainer:
                 raise CheckpointError(f"--resume: no checkpoint at {self.checkpoint_path}; start "
                                       "without --resume, or point --out at the run to continue")
             self.load()
+            if self.epoch >= self.epochs:
+                raise CheckpointError(
+                    f"{self.checkpoint_path} has already trained {self.epoch} of epochs={self.epochs}; "
+                    f"pass a larger number (--epochs {self.epoch + 1} or more) to train further, or "
+                    "sample from it without training")
             _say(f"resumed from {self.checkpoint_path}: epoch {self.epoch} done, "
                  f"step {self.step}, batch {self.batch_in_epoch} of epoch {self.epoch + 1}")
         elif os.path.exists(self.checkpoint_path):
             raise CheckpointError(f"{self.checkpoint_path} exists; pass resume=True (--resume) to "
                                   "continue that run, or choose another output folder")
-        with open(self.path("config.json"), "w") as f:
-            json.dump({**jsonable(self.config), **self.run_key}, f, indent=2)
+        try:
+            with open(self.path("config.json"), "w") as f:
+                json.dump({**jsonable(self.config), **self.run_key}, f, indent=2)
+        except OSError as e:
+            raise SaveError(f"cannot write {self.path('config.json')} ({e.strerror or e}); "
+                            "nothing was trained; free some space or choose another folder") from e
 
         old_handler = None
         if threading.current_thread() is threading.main_thread():
@@ -445,10 +496,12 @@ class Trainer:
         bar.close()
         self.epoch_seconds += time.perf_counter() - start
         if self._mutating:
-            _say("interrupted while the weights were being updated: not saving; the last good "
-                 f"checkpoint {self.checkpoint_path} is kept")
+            kept = (f"the last good checkpoint {self.checkpoint_path} is kept" if
+                    self._saved_at is not None else "nothing was saved (no checkpoint yet)")
+            _say(f"interrupted while the weights were being updated: not saving; {kept}; "
+                 + resume_advice(self.out_dir))
             raise KeyboardInterrupt
-        self.save(rng_state=rng_before)   # a step cut short leaves the noise of that step unused
+        self._save_or_stop("on Ctrl-C", rng_state=rng_before)   # a step cut short leaves the noise of that step unused
         self._write_logs()
         _say(f"interrupted: saved {self.checkpoint_path} at epoch {self.epoch + 1}, step "
              f"{self.step}; continue with resume=True (--resume)")
@@ -463,8 +516,12 @@ class Trainer:
                                if losses else float("nan"), "seconds": self.epoch_seconds,
                                "skipped": int(n_skipped)})
         self.epoch, self.batch_in_epoch, self.epoch_seconds = e, 0, 0.0
-        self.save()
-        self._write_logs()
+        self._save_or_stop(f"after epoch {e}")
+        try:
+            self._write_logs()
+        except OSError as err:   # the checkpoint (which holds the history) is what matters
+            _say(f"could not write the logs in {self.out_dir} ({err.strerror or err}); the "
+                 "checkpoint is saved and the logs are rewritten after the next epoch")
         last = self.epoch_log[-1]
         _say(f"epoch {e}/{self.epochs}: mean loss {last['mean_loss']:.4f}, {last['seconds']:.1f} s, "
              f"checkpoint {self.checkpoint_path}")
@@ -533,9 +590,13 @@ def _fingerprint(images, labels):
 
 def _write_csv(path, header, rows):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        for r in rows:
-            w.writerow([repr(v) if isinstance(v, float) else v for v in r])
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for r in rows:
+                w.writerow([repr(v) if isinstance(v, float) else v for v in r])
+        os.replace(tmp, path)
+    finally:   # a failed write (full disk) leaves the previous file and no debris
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -200,6 +200,14 @@ class ScoreNet(nn.Module):
             y = backend.asarray(backend_of(y).to_host(y))
         if tuple(y.shape) != (n,):
             raise ValueError(f"ScoreNet: labels must have shape ({n},), got {tuple(y.shape)}")
+        kind = np.dtype(y.dtype).kind
+        if kind not in "iuf" or (kind == "f" and not bool(backend.xp.all(y == backend.xp.round(y)))):
+            # astype(int64) would truncate 2.7 to class 2 without a word
+            raise ValueError(f"ScoreNet: labels must be integer class indices, got dtype {y.dtype}"
+                             + (" with fractional values" if kind == "f" else ""))
+        if isinstance(y, np.ndarray) and y.size and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"ScoreNet: labels must lie in 0..{self.num_classes} ("
+                             f"{self.num_classes} = no label), got {y.min()}..{y.max()}")
         return y.astype(np.int64, copy=False)
 
     def _check_input(self, x):
@@ -220,6 +228,13 @@ class ScoreNet(nn.Module):
             t = Tensor(t.reshape(-1) if t.size == n else t)
         if t.shape != (n,):
             raise ValueError(f"ScoreNet: t must have shape ({n},) for a batch of {n}, got {t.shape}")
+        # t <= 0 divides by std(0) = 0, NaN spreads everywhere. Checked where it is free (host
+        # arrays and numbers); on a GPU it would cost a sync per forward pass, as the samplers
+        # and the loss make t themselves from finite host floats in (0, T].
+        if isinstance(t.data, np.ndarray) and not (np.isfinite(t.data).all() and (t.data > 0).all()):
+            bad = t.data[~(np.isfinite(t.data) & (t.data > 0))]
+            raise ValueError(f"ScoreNet: t must be finite and > 0 (a diffusion time in (0, T]), "
+                             f"got {bad[0]!r}")
         return t if t.dtype == x.dtype else t.astype(x.dtype)
 
     def _std(self, t, like):

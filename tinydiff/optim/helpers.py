@@ -27,6 +27,13 @@ def clip_grad_norm_(params, max_norm, norm_type=2.0, eps=1e-6, return_array=Fals
     Gradients are replaced (``p.grad = p.grad * coef``), not scaled in place, because the
     autograd engine may share one gradient array between two parameters.
     """
+    # max_norm <= 0 would zero every gradient (0) or flip its sign (< 0: gradient ascent)
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float, np.number)) \
+            or not math.isfinite(max_norm) or max_norm <= 0:
+        raise ValueError(f"clip_grad_norm_: max_norm must be a finite number > 0, got {max_norm!r}")
+    if norm_type not in (math.inf, "inf") and (not isinstance(norm_type, (int, float))
+                                                or not math.isfinite(norm_type) or norm_type <= 0):
+        raise ValueError(f"clip_grad_norm_: norm_type must be > 0 or inf, got {norm_type!r}")
     params = _grads(list(params))
     if not params:
         return 0.0

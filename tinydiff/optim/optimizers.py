@@ -51,6 +51,10 @@ class Optimizer:
     def __init__(self, params, defaults):
         self.defaults = defaults
         self.param_groups = _param_groups(params, defaults)
+        for group in self.param_groups:   # a NaN lr passes every "< 0" check and poisons the weights
+            for k, v in group.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ValueError(f"{type(self).__name__}: {k} must be finite, got {v}")
         self.state = {}      # id(param) -> dict of arrays and "step"
         self._scratch = {}   # id(param) -> reused temporary (not saved)
 
