@@ -185,6 +185,7 @@ REDUCTIONS = {  # name: (tinydiff fn, numpy fn, array strategy)
     "sum": (td.sum, np.sum, arrays),
     "mean": (td.mean, np.mean, arrays),
     "max": (td.max, np.max, distinct_arrays),         # distinct values: no ties to break
+    "min": (td.min, np.min, distinct_arrays),
     "var": (td.var, np.var, arrays),
     "method_sum": (lambda t, a, k: t.sum(a, k), np.sum, arrays),
     "method_min": (lambda t, a, k: t.min(a, k), np.min, distinct_arrays),

@@ -3,8 +3,8 @@ from .backend import (BackendError, available_backends, backend_of, get_array_mo
                       probe_cupy)
 from .gradcheck import GradcheckError, gradcheck
 from .ops import (abs, broadcast_to, clip, concat, exp, log, log_softmax, logsumexp, matmul, max,
-                  mean, pad, permute, relu, reshape, sigmoid, silu, softmax, sqrt, stack, sum, tanh,
-                  tensor, transpose, var, where)
+                  mean, min, pad, permute, relu, reshape, sigmoid, silu, softmax, sqrt, stack, sum,
+                  tanh, tensor, transpose, var, where)
 from .tensor import Function, ShapeError, Tensor, grad, is_grad_enabled, no_grad, unbroadcast
 
 __version__ = "0.1.0"

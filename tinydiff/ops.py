@@ -474,6 +474,11 @@ def max(x, axis=None, keepdims=False):  # noqa: A001
     return Max.apply(x, axis=_axes(axis, x.ndim), keepdims=keepdims)
 
 
+def min(x, axis=None, keepdims=False):  # noqa: A001
+    """min(x) = -max(-x): the same gradient rule (ties share it)."""
+    return -max(-x, axis, keepdims)
+
+
 def mean(x, axis=None, keepdims=False):
     axes = _axes(axis, x.ndim)
     return sum(x, axes, keepdims) * (1.0 / int(np.prod([x.shape[i] for i in axes])))
