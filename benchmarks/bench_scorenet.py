@@ -60,7 +60,7 @@ SIGMA = 25.0
 
 try:
     import torch
-except ImportError:  # the benchmark still times tinydiff alone
+except ImportError:  # the benchmark still times tinydiff alone, and says so (NO_TORCH)
     torch = None
 
 
@@ -131,7 +131,18 @@ def summarise(name, t_td, t_torch, rows):
         rows.append((name, med_td * 1e3, float("nan"), float("nan")))
 
 
+NO_TORCH = ("PyTorch is not installed: these are tinydiff's times alone, with no PyTorch column "
+            "and no ratio (pip install torch to compare the two)")
+
+
 def print_table(title, rows):
+    if torch is None:
+        print(f"\n{title.split(';')[0]}, tinydiff only")
+        print(f"{'':40s} {'tinydiff ms':>12s}")
+        for name, a, _, _ in rows:
+            print(f"{name:40s} {a:12.2f}")
+        print(NO_TORCH)
+        return
     print(f"\n{title}")
     print(f"{'':40s} {'tinydiff ms':>12s} {'PyTorch ms':>11s} {'ratio':>7s}")
     for name, a, b, r in rows:
@@ -411,7 +422,8 @@ def main(argv=None):
     if torch is not None:
         print(f"; PyTorch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
     else:
-        print("; PyTorch not importable: tinydiff times only")
+        print()
+        print(NO_TORCH, file=sys.stderr)
     cond = args.model == "cond"
     sde, model, opt, tmodel, topt = build_pair(backend, device, cond)
     print(f"model: {'conditional ScoreNet, attention at 5x5 and 2x2' if cond else 'ScoreNet'}, "

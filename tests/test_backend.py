@@ -219,7 +219,7 @@ def assert_cupy_unusable(pattern):
 def test_probe_cupy_not_installed(no_real_cupy):
     no_real_cupy.setitem(sys.modules, "cupy", None)    # what `import cupy` sees when it is absent
     msg = assert_cupy_unusable(r"CuPy is not installed")
-    assert "pip install tinydiff[cuda13]" in msg and "--backend numpy" in msg
+    assert 'pip install -e ".[cuda13]"' in msg and "--backend numpy" in msg   # as docs/gpu.md says
 
 
 @pytest.mark.parametrize("body, pattern", [

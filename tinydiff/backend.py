@@ -112,8 +112,9 @@ def probe_cupy():
         if e.name != "cupy":   # cupy is there but something it imports is not
             return (f"CuPy is installed but failed to import: {e}. Reinstall cupy (the wheel that "
                     "matches your CUDA version), or use --backend numpy.")
-        return (f"CuPy is not installed ({e}). Install it with `pip install tinydiff[cuda13]` "
-                "(or [cuda12] for a CUDA 12 driver), or use --backend numpy.")
+        return (f"CuPy is not installed ({e}). Install it from the tinydiff checkout with "
+                "`pip install -e \".[cuda13]\"` (or \".[cuda12]\" for a CUDA 12 driver; see "
+                "docs/gpu.md), or use --backend numpy.")
     except Exception as e:  # a broken install (e.g. a CUDA library missing) fails at import time
         return (f"CuPy is installed but failed to import ({type(e).__name__}: {e}); a CUDA library "
                 "may be missing. Reinstall cupy (the wheel that matches your CUDA version), or use "
