@@ -1,7 +1,8 @@
-"""Speed of the reference ScoreNet (DESIGN.md section 2): tinydiff against PyTorch, same process.
+"""Speed of the reference ScoreNet (docs/design.md, the reference model): tinydiff against
+PyTorch, in the same process.
 
 Times, on 1x28x28 float32 inputs:
-- one full training step (forward, the eq. 5 DSM loss, backward, Adam step) at batch 64 and 128;
+- one full training step (forward, the eq. 5 DSM loss of docs/design.md, backward, Adam step) at batch 64 and 128;
 - one sampling step (a forward pass under no_grad) at batch 64;
 - each conv, each transposed conv, the fused "embedding add + GroupNorm + swish" block and swish
   alone (forward + backward, with the shapes they have inside the model at batch 64);

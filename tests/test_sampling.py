@@ -31,7 +31,7 @@ def _exact_marginal_at_T(backend, rng, shape):
 
 def _reverse_moments(num_steps=500, eps=1e-3, corrector_snr=None, n_corrector=1, d=D):
     """Mean m and variance P of one coordinate of x - mu along the sampler, started from the exact
-    marginal (m = 0, P = v + std(T)^2). Predictor (eq. 2) with V = v + std(t)^2:
+    marginal (m = 0, P = v + std(T)^2). Predictor (eq. 2 of docs/design.md) with V = v + std(t)^2:
         mean = mu + a (x - mu), a = 1 - g^2 dt / V;   P_mean = a^2 P,   P <- P_mean + g^2 dt.
     The Langevin corrector with step e: x - mu <- (1 - e / V)(x - mu) + sqrt(2 e) r. Its step
     e = 2 (snr sqrt(D) / mean ||s||)^2 uses the batch mean of ||s|| = ||x - mu|| / V, replaced here

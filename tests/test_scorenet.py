@@ -1,4 +1,4 @@
-"""The reference ScoreNet (DESIGN.md section 2): size, shapes, agreement with the PyTorch tutorial
+"""The reference ScoreNet (docs/design.md, the reference model): size, shapes, agreement with the PyTorch tutorial
 model loaded with the same weights, float64 gradient checks, labels and errors."""
 import math
 

@@ -1,4 +1,5 @@
-"""The SDE of eq. 1, the closed-form scores of eq. 3 and the denoising loss of eq. 5.
+"""The SDE of eq. 1, the closed-form scores of eq. 3 and the denoising loss of eq. 5 (numbered as
+in docs/design.md).
 
 Statistical tests use a fixed seed and a tolerance of 5 standard errors computed from the sample
 count (plus any known, computed discretisation bias), so they fail on a wrong formula and not by
@@ -32,7 +33,7 @@ def _tensor(backend, a, requires_grad=False):
 
 @given(sigma=sigmas, t=times)
 def test_marginal_variance_is_the_integral_of_g_squared(sigma, t):
-    # std(t)^2 = int_0^t g(s)^2 ds (DESIGN.md section 1), checked by quadrature
+    # std(t)^2 = int_0^t g(s)^2 ds (docs/design.md, the forward process), checked by quadrature
     sde = VESDE(sigma)
     integral, err = integrate.quad(lambda s: sde.diffusion_coeff(s) ** 2, 0.0, t)
     assert sde.marginal_std(t) ** 2 == pytest.approx(integral, rel=1e-9, abs=1e-12)

@@ -3,7 +3,8 @@ probability-flow ODE.
 
 Every sampler takes any ``score_fn(x, t)``: x an array (N, ...) and t an array (N,) on one backend,
 returning the score as an array of x's shape. A trained model is wrapped with
-``model_score_fn(model)``; the closed-form scores of ``tinydiff.sde`` work directly.
+``model_score_fn(model)``; the closed-form scores of ``tinydiff.sde`` work directly. Equation
+numbers are those of docs/design.md.
 
 - ``euler_maruyama``: eq. 2, x <- x + g^2 s dt + g sqrt(dt) r, from t = T down to eps;
 - ``predictor_corrector``: one Langevin corrector step (signal-to-noise ratio ``snr``) before each

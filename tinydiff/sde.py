@@ -1,5 +1,6 @@
 """The noising SDE (eq. 1), its marginals, the denoising score-matching loss (eq. 5) and
-closed-form scores (eq. 3), in the spirit of score_sde's ``sde_lib``.
+closed-form scores (eq. 3), in the spirit of score_sde's ``sde_lib``. Equation numbers are those
+of docs/design.md, which derives each of them.
 
 Both SDEs here are drift-free, dx = g(t) dW for t in [0, T = 1]:
 

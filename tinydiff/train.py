@@ -17,7 +17,7 @@ What a run writes to ``out_dir``:
 
 Exact resume: every random number of training comes from host-seeded generators whose state is
 checkpointed: the data order of epoch e is a permutation drawn from seed (seed, e), and the noise
-of the loss (t and z of eq. 5) from one host generator saved with the checkpoint. So on the CPU,
+of the loss (t and z of eq. 5, docs/design.md) from one host generator saved with the checkpoint. So on the CPU,
 stopping at any step and resuming gives bit-identical losses to an uninterrupted run.
 """
 from __future__ import annotations

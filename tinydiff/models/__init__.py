@@ -1,3 +1,3 @@
-"""Models: the reference ScoreNet (DESIGN.md section 2) and the feature classifier."""
+"""Models: the reference ScoreNet (docs/design.md, the reference model) and the feature classifier."""
 from .scorenet import Dense, GaussianFourierProjection, ScoreNet
 from .classifier import Classifier, ClassifierWeightsError, load_classifier

@@ -1,4 +1,5 @@
-"""The reference score network (DESIGN.md section 2): Song's score-SDE MNIST tutorial ScoreNet.
+"""The reference score network (docs/design.md, the reference model): Song's score-SDE MNIST
+tutorial ScoreNet.
 
     x (N, 1, 28, 28), t (N,) --------------------------------------------------------------.
       embed = swish(Linear(GaussianFourierProjection(t)))           (+ class embedding)    |
@@ -82,11 +83,12 @@ def _embed_norm_swish(h, shift, norm):
 
 
 class ScoreNet(nn.Module):
-    """The time-dependent score model s(x, t) of DESIGN.md section 2.
+    """The time-dependent score model s(x, t) of docs/design.md, the reference model.
 
     Args:
         marginal_std: callable std(t) on arrays of t (e.g. ``VESDE(25).marginal_std``); the output
-            is divided by it, so the network predicts -z of eq. 5 at unit scale.
+            is divided by it, so the network predicts -z of eq. 5 (docs/design.md) at unit
+            scale.
         channels: the four encoder widths (32, 64, 128, 256).
         embed_dim: width of the time embedding (256).
         in_channels: image channels (1 for MNIST).

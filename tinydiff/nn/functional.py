@@ -10,7 +10,7 @@ up front; a mismatch raises ``ShapeError`` naming the op and the shapes.
 
 Fusions for the score network: ``group_norm_silu(x, G, weight, bias, shift=e)`` computes
 ``silu(group_norm(x + e[:, :, None, None]))`` in one op, the "embedding add, GroupNorm, swish" block
-of DESIGN.md section 2.
+of the reference model (docs/design.md).
 """
 from __future__ import annotations
 
@@ -262,8 +262,8 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, shift=None)
     """silu(group_norm(x + shift[:, :, None, None], num_groups, weight, bias, eps)) as one fused op.
 
     ``shift`` (N, C) is an optional per-sample, per-channel offset added before the norm: the score
-    network's projected time embedding (DESIGN.md section 2). Faster and leaner than the three ops
-    it replaces; the same values and gradients.
+    network's projected time embedding (docs/design.md, the reference model). Faster and leaner
+    than the three ops it replaces; the same values and gradients.
     """
     op = "group_norm_silu"
     x = _tensor(x, op, "x")
