@@ -174,10 +174,13 @@ class _Captured(Exception):
         self.parser = parser
 
 
-def script_parser(relpath, call="main"):
+def script_parser(relpath, call="main", hide=()):
     """A function returning the ArgumentParser of the script ``relpath``: the script is imported
-    and ``call([])`` run until its first ``parse_args``, which is caught before parsing."""
+    (with the modules in ``hide`` made unimportable, e.g. a slow optional torch) and ``call([])``
+    run until its first ``parse_args``, which is caught before parsing."""
     def get(monkeypatch):
+        for name in hide:
+            monkeypatch.setitem(sys.modules, name, None)
         spec = importlib.util.spec_from_file_location(f"_doc_{call}_" + re.sub(r"\W", "_", relpath),
                                                       os.path.join(ROOT, relpath))
         module = importlib.util.module_from_spec(spec)
@@ -204,7 +207,8 @@ COMMANDS = {
                                  _mnist_uncond_defaults),
     "examples/train_classifier.py": (script_parser("examples/train_classifier.py"), None),
     "benchmarks/quality.py": (script_parser("benchmarks/quality.py"), None),
-    "benchmarks/bench_scorenet.py": (script_parser("benchmarks/bench_scorenet.py"), None),
+    "benchmarks/bench_scorenet.py": (script_parser("benchmarks/bench_scorenet.py", hide=["torch"]),
+                                     None),
 }
 
 
@@ -338,6 +342,18 @@ def test_flag_checker_catches_a_wrong_default(tmp_path, monkeypatch):
     (_, _, names, cell), _ = tables["demo"]
     assert names == {"--lr"} and not default_matches(cell, lr.default, lr)
     assert default_matches("`2e-3`", lr.default, lr)
+
+
+def test_readme_keeps_the_commands_ci_and_newcomers_run():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    test_command = ('python3 -m venv .venv && .venv/bin/pip install -q -e ".[test]" && '
+                    ".venv/bin/python -m pytest -q")
+    assert test_command in readme and test_command in ci
+    assert ("python3 -m venv .venv && .venv/bin/pip install -e . && "
+            ".venv/bin/python examples/mnist_uncond.py --out runs/mnist") in readme
 
 
 # -- equation and design references -------------------------------------------------------------
