@@ -23,7 +23,7 @@ from .backend import backend_of, get_backend
 from .checkpoint import CHECKPOINT, CheckpointError, load_checkpoint, read_config
 
 # How to train. 'reference' is Song's tutorial; 'fast' and 'cond' were chosen by measurement for
-# short CPU runs (README: what the first run gives; docs/cli.md: the conditional recipe).
+# short CPU runs (docs/training.md: what a run gives; docs/cli.md: the conditional recipe).
 RECIPES = {
     "reference": dict(optimizer="adam", lr=1e-4, batch_size=32, epochs=50, warmup=0,
                       schedule="constant", min_lr=1.0, weight_decay=0.0, ema=0.0,
