@@ -18,7 +18,8 @@
    The first cell names the option strings (all of them, e.g. `--limit N`, `--subset N`), the
    second gives the default: a backticked value equal to the parser's (`1e-5` matches 1e-05),
    `off` for a store_true flag, `required` for a positional, free text when the parser's default
-   is None (the text says what happens). A row naming a flag the parser lacks fails too.
+   is None (the text says what happens). A row naming a flag the parser lacks fails too; flags
+   hidden from --help (help=argparse.SUPPRESS) are not required.
    To register a command line, add one line to COMMANDS.
 3. Equation and design citations resolve: a file citing "eq. N" names docs/design.md, which has
    an anchor for eq. N; no file cites DESIGN.md (a file outside this repository).
@@ -254,7 +255,10 @@ def flag_tables(paths=None):
 
 
 def _documentable(action):
-    return not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+    """Every action but --help, the subcommand switch and hidden ones (help=SUPPRESS: e.g. an old
+    name kept as an alias)."""
+    return (not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))
+            and action.help is not argparse.SUPPRESS)
 
 
 def _option_names(action):
