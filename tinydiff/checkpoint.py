@@ -111,15 +111,24 @@ def save_checkpoint(path, state):
     raises OSError and leaves the previous file at ``path`` untouched."""
     arrays = {}
     meta = json.dumps({"format": FORMAT, "state": _encode(state, arrays)})
+    remove_stale_temp_files(path)
+    return atomic_write(path, lambda f: np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8),
+                                                 **arrays), fsync=True)
+
+
+def atomic_write(path, write, fsync=False):
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, then rename it over ``path``:
+    a reader (or a crash) never sees half a file, and a failed write leaves the old file as it
+    was. ``fsync`` flushes the data to the disk before the rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    remove_stale_temp_files(path)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            np.savez(f, __meta__=np.frombuffer(meta.encode(), np.uint8), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

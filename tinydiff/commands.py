@@ -185,17 +185,8 @@ def _describe(labels):
 
 def save_npz(path, **arrays):
     """np.savez through a temporary file and a rename, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from .checkpoint import atomic_write
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # -- evaluate --------------------------------------------------------------------------------------
