@@ -144,7 +144,8 @@ def test_ancestral_betas_are_ddpms_chain():
 
 @pytest.mark.parametrize("name", ["ve", "vp", "subvp"])
 def test_reverse_step_is_the_reverse_drift(backend, name):
-    # the samplers' step equals x - sde.reverse_drift(x, t, s) dt, and for VE eq. 2 bit for bit
+    # the samplers' step equals x - sde.reverse_drift(x, t, s) dt, and for VE eq. 2 of
+    # docs/design.md bit for bit
     sde = make_sde(name)
     r = np.random.default_rng(0)
     x = backend.asarray(r.normal(size=(3, 4)).astype(np.float32))
