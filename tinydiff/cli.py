@@ -86,9 +86,17 @@ def add_train_arguments(p, preset=None):
     opt("--channels", type=A.positive_int_list, help="the four ScoreNet widths (default "
         "32,64,128,256)")
     opt("--embed-dim", type=A.positive_int, help="time-embedding width, even (default 256)")
+    opt("--sde", choices=["ve", "vp", "subvp"], help="the noising SDE (docs/sdes.md): ve = "
+        "variance exploding, dx = sigma^t dW (default); vp = variance preserving, the continuous "
+        "DDPM; subvp = sub-VP. Recorded in the run: sampling and resuming use the same")
     opt("--sigma", type=A.float_above(1.0), help="sigma of the VE SDE, > 1 (default 25)")
+    opt("--beta-min", type=A.nonnegative_float, help="beta(0) of the VP / sub-VP SDE, "
+        "beta(t) = beta_min + t (beta_max - beta_min) (default 0.1)")
+    opt("--beta-max", type=A.positive_float, help="beta(1) of the VP / sub-VP SDE, >= beta_min "
+        "(default 20)")
     opt("--sampler", choices=list(E.SAMPLERS), help="sampler of the grids and final samples: "
-        "Euler-Maruyama (em, default), predictor-corrector (pc), probability-flow ODE (ode)")
+        "Euler-Maruyama (em, default), predictor-corrector (pc), probability-flow ODE (ode), "
+        "DDPM's ancestral sampler (ancestral, --sde vp only)")
     opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
     opt("--num-samples", type=A.positive_int, help="images per grid of an unconditional run "
         "(default 64)")
@@ -157,9 +165,9 @@ def add_evaluate_arguments(p):
 
 def _add_sampler_arguments(p):
     p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
-                   help="em (default), pc or ode")
+                   help="em (default), pc, ode, or ancestral (DDPM's; runs with --sde vp)")
     p.add_argument("--steps", type=A.int_at_least(2), default=500,
-                   help="steps of em / pc (default 500; ode picks its own)")
+                   help="steps of em / pc / ancestral (default 500; ode picks its own)")
     p.add_argument("--rtol", type=A.positive_float, default=1e-5,
                    help="ode tolerance, rtol = atol (default 1e-5)")
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")

@@ -104,9 +104,16 @@ def _check_train_config(config):
                          f"{','.join(map(str, config['channels']))}")
     if int(config["embed_dim"]) % 2:
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
+    _check_sampler(config["sampler"], config["sde"], "--sde")
     if config["dataset"] not in E.IMAGE_SHAPE:
         raise UsageError(f"--dataset {config['dataset']!r} is not trainable with this model; "
                          f"choose one of {', '.join(E.IMAGE_SHAPE)}")
+
+
+def _check_sampler(sampler, sde_name, where):
+    if sampler == "ancestral" and sde_name != "vp":
+        raise UsageError(f"--sampler ancestral is DDPM's sampler for the VP SDE, but {where} is "
+                         f"{sde_name}; choose em, pc or ode")
 
 
 def _test_bits_per_dim(model, sde, config, n, root, backend, seed=0):
@@ -154,6 +161,7 @@ def sample(args, parser):
 
     get_backend(args.backend)
     run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
     cond, guidance = _conditional_request(run, args, args.labels, args.per_class, args.guidance)
     if cond:
         guidance = float(run.config.get("guidance", 1.0)) if guidance is None else guidance
@@ -198,6 +206,7 @@ def evaluate(args, parser):
 
     backend = get_backend(args.backend)
     run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
     if cond:
         ws = ws or [float(run.config.get("guidance", 1.0))]
@@ -211,7 +220,8 @@ def evaluate(args, parser):
     test_x, _ = data.load_dataset(dataset, "test", root=args.data, verbose=False)
     n, seed = args.samples, args.seed
     floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
-    name = (f"ScoreNet {'cond.' if cond else 'uncond.'} {os.path.basename(os.path.dirname(run.path))}"
+    sde = {"ve": "VE", "vp": "VP", "subvp": "sub-VP"}.get(run.sde.name, run.sde.name)
+    name = (f"ScoreNet {'cond.' if cond else 'uncond.'} {sde} {os.path.basename(os.path.dirname(run.path))}"
             f" (epoch {run.state['epoch']})")
     if args.header:
         print(HEADER)

@@ -50,7 +50,9 @@ PRESETS = {
                                recipe="cond", out="runs/fashion_cond"),
 }
 
-DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0,
+# sigma belongs to the VE SDE, beta_min / beta_max to VP and sub-VP (None: that SDE's default)
+DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, beta_min=None,
+                beta_max=None,
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop")
@@ -74,7 +76,32 @@ def resolve_config(explicit, run_dir=None, default_preset=None):
               "preset": preset, "recipe": recipe}
     for key in ("channels", "attention"):       # older runs stored "32,64,128,256"
         config[key] = _int_list(config[key])
+    config.update(_sde_settings(config, explicit))
+    if run_dir and _sde_settings(saved, {}) != _sde_settings(config, {}):
+        was, now = build_sde(saved), build_sde(config)
+        raise ValueError(f"{os.path.join(run_dir, CHECKPOINT)} was trained with {was!r}, not "
+                         f"{now!r}; a model learns the score of one SDE: drop --sde / --sigma / "
+                         f"--beta-min / --beta-max, or train a new run")
     return config
+
+
+def _sde_settings(config, explicit):
+    """The SDE keys of a run configuration: "sde" and the parameters of that SDE (its defaults
+    where unset); the parameters of the other SDEs are None, so a run records only what it uses
+    (and a VE run written before the VP SDEs existed reads the same). A parameter flag given for
+    another SDE is refused."""
+    from .sde import SDE_PARAMS, make_sde
+    name = config.get("sde", "ve")
+    if name not in SDE_PARAMS:
+        raise ValueError(f"--sde must be one of {', '.join(SDE_PARAMS)}, got {name!r}")
+    for key in sorted(explicit):
+        owners = [k for k, params in SDE_PARAMS.items() if key in params]
+        if owners and name not in owners:
+            raise ValueError(f"--{key.replace('_', '-')} {explicit[key]} is a parameter of --sde "
+                             f"{' / '.join(owners)}, not of --sde {name}")
+    given = {k: config[k] for k in SDE_PARAMS[name] if config.get(k) is not None}
+    others = {k: None for params in SDE_PARAMS.values() for k in params}
+    return {**others, **make_sde(name, **given).config()}
 
 
 def _int_list(v):
@@ -86,10 +113,10 @@ def _int_list(v):
 # -- building a run's pieces -----------------------------------------------------------------
 
 def build_sde(config):
-    from .sde import VESDE
-    if config.get("sde", "ve") != "ve":
-        raise ValueError(f"unknown SDE {config['sde']!r}; this version has 've'")
-    return VESDE(float(config["sigma"]))
+    """The run's SDE (tinydiff.sde): "sde" names it ("ve" when absent, as in older runs), its
+    parameters sit under their own names (sigma; beta_min, beta_max)."""
+    from .sde import sde_from_config
+    return sde_from_config(config)
 
 
 def build_model(config, backend="numpy", sde=None):
@@ -183,7 +210,7 @@ def load_run(run, backend="numpy", use_ema=True):
 
 # -- drawing samples ---------------------------------------------------------------------------
 
-SAMPLERS = ("em", "pc", "ode")
+SAMPLERS = ("em", "pc", "ode", "ancestral")
 
 
 def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
@@ -193,10 +220,12 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
     Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
     with ``raw`` (the unclipped samples), ``nfe`` (score evaluations per sample: steps for em,
     2 steps for pc, the solver's count for ode; a guided evaluation is one batched call on 2N) and
-    ``seconds``.
+    ``seconds``. ``sampler`` "ancestral" (DDPM's) needs the VP SDE.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if sampler == "ancestral":
+        sampling.ancestral_betas(sde, steps)          # refuses a non-VP SDE before any work
     be = model.backend
     shape = tuple(shape or (model.in_channels, 28, 28))
     out, nfe = [], 0
@@ -212,6 +241,9 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
         elif sampler == "pc":   # one corrector step per predictor step: two score evaluations
             x, nfe = sampling.predictor_corrector(score_fn, sde, (m, *shape), num_steps=steps,
                                                   **kw), 2 * steps
+        elif sampler == "ancestral":
+            x, nfe = sampling.ancestral_sampler(score_fn, sde, (m, *shape), num_steps=steps,
+                                                **kw), steps
         else:
             x, k = sampling.ode_sampler(score_fn, sde, (m, *shape), rtol=rtol, atol=rtol, **kw)
             nfe = max(nfe, k)

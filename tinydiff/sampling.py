@@ -1,16 +1,19 @@
-"""Samplers for the reverse of a drift-free SDE dx = g(t) dW, and likelihoods along its
-probability-flow ODE.
+"""Samplers for the reverse of an SDE dx = f(x, t) dt + g(t) dW (any of ``tinydiff.sde``: VE, VP,
+sub-VP), and likelihoods along its probability-flow ODE. Each is written once against the SDE's
+drift f(x, t) = a(t) x, diffusion g(t) and prior; none knows which SDE it runs.
 
 Every sampler takes any ``score_fn(x, t)``: x an array (N, ...) and t an array (N,) on one backend,
 returning the score as an array of x's shape. A trained model is wrapped with
 ``model_score_fn(model)``; the closed-form scores of ``tinydiff.sde`` work directly. Equation
 numbers are those of docs/design.md.
 
-- ``euler_maruyama``: eq. 2, x <- x + g^2 s dt + g sqrt(dt) r, from t = T down to eps;
+- ``euler_maruyama``: the reverse SDE (Song et al. 2021 eq. 6) stepped backwards,
+  x <- x - [f(x, t) - g^2 s] dt + g sqrt(dt) r, from t = T down to eps (eq. 2 when f = 0);
 - ``predictor_corrector``: one Langevin corrector step (signal-to-noise ratio ``snr``) before each
   Euler-Maruyama predictor step, as in score_sde and Song's tutorial;
-- ``ode_sampler``: the probability-flow ODE dx/dt = -1/2 g(t)^2 s(x, t), solved on the host by
-  ``scipy.integrate.solve_ivp``;
+- ``ancestral_sampler``: DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2) for the VP SDE;
+- ``ode_sampler``: the probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song eq. 13),
+  solved on the host by ``scipy.integrate.solve_ivp``;
 - ``log_likelihood`` / ``bits_per_dim``: the same ODE run forward from the data, with the change of
   log-density given by the divergence of its drift (Skilling-Hutchinson estimator).
 
@@ -92,6 +95,16 @@ def _score(score_fn, x, t):
 
 def _per_sample(a, ndim):
     return a.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _reverse_mean(sde, x, s, t, dt):
+    """x - [f(x, t) - g(t)^2 s] dt = x - sde.reverse_drift(x, t, s) dt: one Euler step of the reverse
+    SDE from t to t - dt without its noise, with host-float coefficients (t is one float for the
+    batch), so it queues no host sync. For the VE SDE (f = 0) it is eq. 2's drift, bit for bit."""
+    g = sde.diffusion_coeff(t)
+    mean = x + (g * g * dt) * s
+    a = sde.drift_coeff(t)               # f(x, t) = a(t) x
+    return mean - (a * dt) * x if a else mean
 
 
 def _progress(iterable=None, total=None, enabled=False, desc=None):
@@ -214,11 +227,13 @@ def _raw(a):
 
 def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, backend=None,
                    progress=False, x_init=None, dtype=np.float32):
-    """Euler-Maruyama on the reverse SDE (eq. 2), from t = T to t = eps in ``num_steps`` equal steps.
+    """Euler-Maruyama on the reverse SDE, from t = T to t = eps in ``num_steps`` equal steps:
+
+        x <- x - [f(x, t) - g(t)^2 s(x, t)] dt + g(t) sqrt(dt) r       (eq. 2 when f = 0)
 
     Args:
         score_fn: ``score_fn(x, t)`` -> array of x's shape.
-        sde: the SDE (e.g. ``VESDE(25.0)``).
+        sde: the SDE (e.g. ``VESDE(25.0)``, ``make_sde("vp")``).
         shape: (N, ...) of the samples.
         num_steps: number of time points in linspace(T, eps, num_steps); each takes one step of
             size dt = (T - eps) / (num_steps - 1) (the reference uses 500).
@@ -226,11 +241,11 @@ def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, back
         rng: a tinydiff Generator; it fixes the backend when ``backend`` is None.
         backend: "numpy", "cupy" or "strict" (default: rng's backend, else numpy).
         progress: show a tqdm bar.
-        x_init: start from this array instead of a prior draw N(0, std(T)^2 I).
+        x_init: start from this array instead of a prior draw N(0, prior_std^2 I).
         dtype: float dtype of the samples.
     Returns:
-        The noise-free mean x + g^2 s dt of the last step, an array of ``shape`` on the backend
-        (as the reference tutorial returns).
+        The noise-free mean x - [f - g^2 s] dt of the last step, an array of ``shape`` on the
+        backend (as the reference tutorial returns).
     """
     _check("euler_maruyama", sde, eps, num_steps, shape)
     be, rng = _setup(shape, rng, backend, x_init)
@@ -243,8 +258,8 @@ def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, back
         t = float(t)
         g = sde.diffusion_coeff(t)
         t_batch = xp.full((shape[0],), t, dtype=dtype)
-        mean = x + (g * g * dt) * _score(score_fn, x, t_batch)                  # eq. 2, drift
-        x = mean + (g * math.sqrt(dt)) * rng.normal(shape, dtype=dtype)       # eq. 2, noise
+        mean = _reverse_mean(sde, x, _score(score_fn, x, t_batch), t, dt)      # drift
+        x = mean + (g * math.sqrt(dt)) * rng.normal(shape, dtype=dtype)       # noise
     return mean
 
 
@@ -288,9 +303,52 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
             safe = xp.where(grad_norm > 0, grad_norm, 1)
             step = xp.where(grad_norm > 0, 2 * (snr * noise_norm / safe) ** 2, 0)
             x = x + step * s + xp.sqrt(2 * step) * rng.normal(shape, dtype=dtype)
-        g = sde.diffusion_coeff(t)                       # predictor: eq. 2
-        mean = x + (g * g * dt) * _score(score_fn, x, t_batch)
+        g = sde.diffusion_coeff(t)                       # predictor: Euler-Maruyama
+        mean = _reverse_mean(sde, x, _score(score_fn, x, t_batch), t, dt)
         x = mean + (g * math.sqrt(dt)) * rng.normal(shape, dtype=dtype)
+    return mean
+
+
+def ancestral_betas(sde, num_steps=1000, eps=1e-3):
+    """(time points, beta_k) of DDPM's chain on the VP SDE's grid linspace(T, eps, num_steps): the
+    step at t_k covers [t_k - dt, t_k] (the last one ends at max(eps - dt, 0)), with
+
+        beta_k = 1 - m(t_k)^2 / m(t_k - dt)^2 = 1 - exp(-(B(t_k) - B(t_k - dt))),
+
+    so that the discrete forward chain x_k = sqrt(1 - beta_k) x_{k-1} + sqrt(beta_k) z has the
+    SDE's marginals at the grid points (Song et al. 2021 app. B: beta_k ~ beta(t_k) dt)."""
+    if getattr(sde, "name", None) != "vp":
+        raise ValueError(f"ancestral sampling is DDPM's sampler for the VP SDE (sde='vp'); got "
+                         f"{sde!r}; use euler_maruyama, predictor_corrector or ode_sampler")
+    time_steps = np.linspace(sde.T, eps, num_steps)
+    dt = float(time_steps[0] - time_steps[1])
+    big_b = sde.integrated_beta
+    betas = [-math.expm1(-(big_b(float(t)) - big_b(max(float(t) - dt, 0.0)))) for t in time_steps]
+    return time_steps, betas
+
+
+def ancestral_sampler(score_fn, sde, shape, num_steps=1000, eps=1e-3, rng=None, backend=None,
+                      progress=False, x_init=None, dtype=np.float32):
+    """DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2; score_sde's
+    AncestralSamplingPredictor) for the VP SDE, with beta_k from ``ancestral_betas``:
+
+        x <- (x + beta_k s(x, t_k)) / sqrt(1 - beta_k) + sqrt(beta_k) r,
+
+    which is DDPM's x_{k-1} = (x_k - beta_k / sqrt(1 - alphabar_k) eps(x_k)) / sqrt(alpha_k)
+    + sigma_k z with sigma_k^2 = beta_k, since the score is s = -eps / sqrt(1 - alphabar_k).
+    ``num_steps`` defaults to DDPM's 1000; other arguments as ``euler_maruyama``.
+    Returns the noise-free mean of the last step.
+    """
+    _check("ancestral_sampler", sde, eps, num_steps, shape)
+    time_steps, betas = ancestral_betas(sde, num_steps, eps)
+    be, rng = _setup(shape, rng, backend, x_init)
+    xp = be.xp
+    x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init.astype(dtype)
+    mean = x
+    for t, beta in _progress(list(zip(time_steps, betas)), enabled=progress, desc="ancestral"):
+        t_batch = xp.full((shape[0],), float(t), dtype=dtype)
+        mean = (x + beta * _score(score_fn, x, t_batch)) * (1.0 / math.sqrt(1.0 - beta))
+        x = mean + math.sqrt(beta) * rng.normal(shape, dtype=dtype)
     return mean
 
 
@@ -299,7 +357,8 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
 
 def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1e-3, rng=None,
                 backend=None, progress=False, x_init=None, dtype=np.float32):
-    """Sample by solving the probability-flow ODE dx/dt = -1/2 g(t)^2 s(x, t) from T down to eps
+    """Sample by solving the probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song eq. 13;
+    ``sde.reverse_drift(..., probability_flow=True)``) from T down to eps
     with ``scipy.integrate.solve_ivp`` (the state lives on the host in float64; each evaluation
     copies x to the backend and the score back, explicitly).
 
@@ -324,7 +383,8 @@ def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1
                                      "check the model (a diverged checkpoint?) or score_fn")
         if bar is not None:
             bar.update(1)
-        return (-0.5 * sde.diffusion_coeff(float(t)) ** 2) * s.reshape(-1).astype(np.float64)
+        return sde.reverse_drift(state, float(t), s.reshape(-1).astype(np.float64),
+                                 probability_flow=True)
 
     res = integrate.solve_ivp(drift, (sde.T, eps), be.to_host(x).reshape(-1).astype(np.float64),
                               rtol=rtol, atol=atol, method=method)
@@ -340,7 +400,7 @@ class Likelihood(NamedTuple):
     """What ``ode_likelihood`` returns; all host NumPy float64 arrays of shape (N,) except z."""
     logp: np.ndarray        # log p_0(x) in nats per sample = prior_logp + delta_logp
     prior_logp: np.ndarray  # log p_T(z) under the prior
-    delta_logp: np.ndarray  # int_eps^T div f(x(t), t) dt, f = -1/2 g^2 s
+    delta_logp: np.ndarray  # int_eps^T div F(x(t), t) dt, F = f - 1/2 g^2 s
     z: np.ndarray           # the ODE's end point x(T), shape of x
     nfe: int                # number of drift-and-divergence evaluations
 
@@ -374,12 +434,14 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
                    estimator="rademacher", n_probes=1, prior_logp=None, dtype=None, progress=False):
     """log p_0(x) along the probability-flow ODE (FFJORD / Song et al. 2021, app. D).
 
-    With f(x, t) = -1/2 g(t)^2 s(x, t), the instantaneous change of variables gives
-    d log p_t(x(t)) / dt = -div f, so integrating x and the log-density forward from t = eps:
+    With the ODE's drift F(x, t) = f(x, t) - 1/2 g(t)^2 s(x, t) (Song eq. 13), the instantaneous
+    change of variables gives d log p_t(x(t)) / dt = -div F, so integrating x and the log-density
+    forward from t = eps:
 
-        log p_eps(x) = log p_T(x(T)) + int_eps^T div f(x(t), t) dt.
+        log p_eps(x) = log p_T(x(T)) + int_eps^T div F(x(t), t) dt.
 
-    div f = -1/2 g^2 div s is estimated with the Skilling-Hutchinson trace estimator: the probes
+    With f = a(t) x, div F = a(t) D - 1/2 g^2 div s (D = dimensions per sample); div s is estimated
+    with the Skilling-Hutchinson trace estimator: the probes
     are drawn once per sample and kept along the whole path (so the integral is an unbiased
     estimate), and ``n_probes`` of them are averaged.
 
@@ -392,7 +454,7 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
         estimator: "rademacher", "gaussian" or "exact" (D VJPs per evaluation; small D only).
         n_probes: probes averaged per evaluation.
         prior_logp: log-density at T, a function of host arrays (N, ...) -> (N,);
-            default ``sde.prior_logp`` (N(0, std(T)^2 I)).
+            default ``sde.prior_logp`` (N(0, prior_std^2 I)).
         dtype: dtype the model sees (default x's).
     Returns:
         A ``Likelihood`` (logp in nats per sample, prior_logp, delta_logp, z, nfe).
@@ -412,6 +474,7 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
         raise ValueError("ode_likelihood: x contains NaN or inf; pass finite images")
     dtype = np.dtype(dtype or x.dtype)
     shape, n = tuple(x.shape), x.shape[0]
+    d = int(np.prod(shape[1:]))
     if rng is None:
         rng = be.default_rng()
     if not isinstance(rng, Generator):
@@ -443,7 +506,9 @@ def ode_likelihood(score_model, x, sde, rng=None, eps=1e-5, rtol=1e-5, atol=1e-5
         if bar is not None:
             bar.update(1)
         half_g2 = 0.5 * sde.diffusion_coeff(float(t)) ** 2
-        return np.concatenate([-half_g2 * s, -half_g2 * div])
+        a = sde.drift_coeff(float(t))                 # div of f = a(t) x is a(t) D
+        return np.concatenate([sde.reverse_drift(state[:-n], float(t), s, probability_flow=True),
+                               a * d - half_g2 * div])
 
     init = np.concatenate([be.to_host(x).reshape(-1).astype(np.float64), np.zeros(n)])
     res = integrate.solve_ivp(drift_and_div, (eps, sde.T), init, rtol=rtol, atol=atol, method=method)

@@ -1,16 +1,30 @@
-"""The noising SDE (eq. 1), its marginals, the denoising score-matching loss (eq. 5) and
-closed-form scores (eq. 3), in the spirit of score_sde's ``sde_lib``. Equation numbers are those
-of docs/design.md, which derives each of them.
+"""The noising SDEs, their marginals, the denoising score-matching loss (eq. 5) and closed-form
+scores (eq. 3), in the spirit of score_sde's ``sde_lib``. Plain equation numbers are those of
+docs/design.md, which derives each of them; "Song eq. N" are those of Song et al. 2021,
+"Score-based generative modeling through stochastic differential equations".
 
-Both SDEs here are drift-free, dx = g(t) dW for t in [0, T = 1]:
+Every SDE here has a drift linear in x, on t in [0, T = 1]:
 
-- ``VESDE(sigma)``: the variance-exploding SDE of eq. 1, g(t) = sigma^t, so
-  std(t)^2 = int_0^t g(s)^2 ds = (sigma^(2t) - 1) / (2 ln sigma);
-- ``BrownianSDE(sigma)``: constant noise strength g(t) = sigma, std(t)^2 = sigma^2 t (eq. 3).
+    dx = f(x, t) dt + g(t) dW,   f(x, t) = a(t) x,
 
-Given x(0) = x0, x(t) ~ N(x0, std(t)^2 I). Every function takes ``t`` as a Python float, an array of
-any backend (numpy / cupy / the strict stand-in; ``xp`` comes from the input, float32 stays
-float32) or a Tensor, and returns the same kind.
+so given x(0) = x0 the marginal is Gaussian, x(t) ~ N(m(t) x0, std(t)^2 I), with the mean
+coefficient m(t) = exp(int_0^t a) and d std^2 / dt = 2 a std^2 + g^2 (Saerkkae & Solin 2019,
+eq. 5.51 / Song eq. 33 and app. B). The SDEs:
+
+- ``VESDE(sigma)``: variance exploding, eq. 1: a = 0, g(t) = sigma^t, m = 1,
+  std(t)^2 = (sigma^(2t) - 1) / (2 ln sigma); prior N(0, std(1)^2 I);
+- ``VPSDE(beta_min, beta_max)``: variance preserving, the continuous DDPM (Song eq. 11):
+  beta(t) = beta_min + t (beta_max - beta_min), a = -beta / 2, g = sqrt(beta),
+  m(t) = exp(-B(t) / 2), std(t)^2 = 1 - exp(-B(t)) with B(t) = int_0^t beta; prior N(0, I);
+- ``subVPSDE(beta_min, beta_max)``: sub-VP (Song eq. 12): the same drift,
+  g(t) = sqrt(beta(t) (1 - exp(-2 B(t)))), std(t) = 1 - exp(-B(t)) (always below VP's); prior N(0, I);
+- ``BrownianSDE(sigma)``: constant noise strength g = sigma, std(t)^2 = sigma^2 t (eq. 3; for tests).
+
+``make_sde(name, **params)`` builds one by name ("ve", "vp", "subvp"); ``sde.config()`` is its
+JSON-able description and ``sde_from_config`` rebuilds it (run configs and checkpoints).
+
+Every function of t takes a Python float, an array of any backend (numpy / cupy / the strict
+stand-in; ``xp`` comes from the input, float32 stays float32) or a Tensor, and returns the same kind.
 """
 from __future__ import annotations
 
@@ -62,42 +76,113 @@ def _on_array(fn, t):
     return fn(t)
 
 
+class _FloatMath:
+    exp, expm1, sqrt = staticmethod(math.exp), staticmethod(math.expm1), staticmethod(math.sqrt)
+
+
+class _TensorMath:
+    """Differentiable exp / expm1 / sqrt on Tensors (expm1 as exp - 1: only the gradient path)."""
+    exp = staticmethod(lambda a: a.exp())
+    expm1 = staticmethod(lambda a: a.exp() - 1.0)
+    sqrt = staticmethod(lambda a: a.sqrt())
+
+
+def _elementwise(formula, t):
+    """``formula(M, t)`` for t a float, an array or a Tensor, M providing exp / expm1 / sqrt:
+    math for floats, xp for arrays, Tensor methods (differentiable) for a Tensor that requires
+    grad; a Tensor without grad is evaluated on its array (accurate expm1) and wrapped again."""
+    if isinstance(t, Tensor) and t.requires_grad:
+        return formula(_TensorMath, t)
+    return _on_array(lambda a: formula(_FloatMath if isinstance(a, (int, float)) else _xp(a), a), t)
+
+
+def _ones_like(t):
+    """1 as a float, or an array / Tensor of ones shaped like t (m(t) of the drift-free SDEs)."""
+    if isinstance(t, (int, float)):
+        return 1.0
+    if isinstance(t, Tensor):
+        return Tensor(_xp(t.data).ones(t.shape, dtype=t.dtype))
+    return _xp(t).ones(t.shape, dtype=t.dtype)
+
+
+def _zeros_like(t):
+    if isinstance(t, (int, float)):
+        return 0.0
+    if isinstance(t, Tensor):
+        return Tensor(_xp(t.data).zeros(t.shape, dtype=t.dtype))
+    return _xp(t).zeros(t.shape, dtype=t.dtype)
+
+
 # -- SDEs ------------------------------------------------------------------------------------
 
 
 class SDE:
-    """A drift-free SDE dx = g(t) dW on [0, T] (what eq. 1 and eq. 2 need).
+    """dx = f(x, t) dt + g(t) dW on [0, T] with a linear drift f(x, t) = a(t) x.
 
-    Subclasses define ``diffusion_coeff(t)`` = g(t) and ``marginal_std(t)`` = std(t); the rest
-    (perturbation, the prior, its log-density, one forward Euler step) follows from them.
+    Subclasses define ``drift_coeff(t)`` = a(t), ``diffusion_coeff(t)`` = g(t),
+    ``marginal_mean_coeff(t)`` = m(t), ``marginal_std(t)`` = std(t), ``prior_std`` and ``params()``;
+    the rest (perturbation, the prior and its log-density, one forward Euler step, the reverse
+    drift, the configuration) follows from them.
     """
 
     T = 1.0
+    name = None          # the factory's name ("ve", "vp", "subvp")
+
+    def drift_coeff(self, t):
+        raise NotImplementedError
 
     def diffusion_coeff(self, t):
+        raise NotImplementedError
+
+    def marginal_mean_coeff(self, t):
         raise NotImplementedError
 
     def marginal_std(self, t):
         raise NotImplementedError
 
+    def params(self):
+        """The constructor's arguments as a dict of floats."""
+        raise NotImplementedError
+
     @property
     def prior_std(self):
-        """std(T): the prior the samplers start from is N(0, std(T)^2 I)."""
-        return float(self.marginal_std(self.T))
+        """The prior the samplers start from is N(0, prior_std^2 I)."""
+        raise NotImplementedError
+
+    # what follows from the five above
+    def drift(self, x, t):
+        """f(x, t) = a(t) x; ``t`` a float or a per-sample array (N,)."""
+        return _batch_view(_constant_like(self.drift_coeff(t), x), _raw(x).ndim) * x
+
+    def marginal_prob(self, x0, t):
+        """(mean, std) of p(x(t) | x(0) = x0) = N(m(t) x0, std(t)^2 I) (score_sde's marginal_prob);
+        the mean has x0's shape, std is per sample, shaped to broadcast against it."""
+        ndim = _raw(x0).ndim
+        m = _batch_view(_constant_like(self.marginal_mean_coeff(t), x0), ndim)
+        return m * x0, _batch_view(_constant_like(self.marginal_std(t), x0), ndim)
 
     def perturb(self, x0, t, z):
-        """x(t) = x0 + std(t) z: a draw from the marginal p(x(t) | x(0) = x0) given z ~ N(0, I).
-        ``t`` is a float or a per-sample array of shape (N,)."""
-        std = self.marginal_std(t)
-        return x0 + _batch_view(_constant_like(std, x0), _raw(x0).ndim) * z
+        """x(t) = m(t) x0 + std(t) z: a draw from the marginal p(x(t) | x(0) = x0) given
+        z ~ N(0, I). ``t`` is a float or a per-sample array of shape (N,)."""
+        mean, std = self.marginal_prob(x0, t)
+        return mean + std * z
 
     def forward_step(self, x, t, dt, z):
-        """One Euler step of the forward SDE, eq. 1: x(t + dt) = x(t) + g(t) sqrt(dt) z."""
-        g = self.diffusion_coeff(t)
-        return x + _batch_view(_constant_like(g, x), _raw(x).ndim) * math.sqrt(dt) * z
+        """One Euler-Maruyama step of the forward SDE: x(t + dt) = x + f(x, t) dt + g(t) sqrt(dt) z
+        (eq. 1 when f = 0)."""
+        g = _batch_view(_constant_like(self.diffusion_coeff(t), x), _raw(x).ndim)
+        return x + self.drift(x, t) * dt + g * math.sqrt(dt) * z
+
+    def reverse_drift(self, x, t, score, probability_flow=False):
+        """The drift of the reverse-time SDE, f(x, t) - g(t)^2 s(x, t) (Anderson 1982; Song eq. 6),
+        or with ``probability_flow`` that of the probability-flow ODE, f(x, t) - 1/2 g(t)^2 s(x, t)
+        (Song eq. 13). Time runs backwards: a step from t to t - dt adds -reverse_drift * dt."""
+        c = 0.5 if probability_flow else 1.0
+        g = _batch_view(_constant_like(self.diffusion_coeff(t), x), _raw(x).ndim)
+        return self.drift(x, t) - (c * g ** 2) * score
 
     def prior_sample(self, shape, rng, dtype=np.float32):
-        """A draw from the prior N(0, std(T)^2 I); ``rng`` is a tinydiff Generator and fixes the
+        """A draw from the prior N(0, prior_std^2 I); ``rng`` is a tinydiff Generator and fixes the
         backend."""
         if not isinstance(rng, Generator):
             raise TypeError(f"prior_sample needs a tinydiff Generator (backend.default_rng(seed)), "
@@ -105,27 +190,52 @@ class SDE:
         return rng.normal(tuple(shape), std=self.prior_std, dtype=dtype)
 
     def prior_logp(self, z):
-        """log N(z; 0, std(T)^2 I) per sample: an array of shape (N,) on z's backend."""
+        """log N(z; 0, prior_std^2 I) per sample: an array of shape (N,) on z's backend."""
         z = _raw(z)
         var = self.prior_std ** 2
         d = int(np.prod(z.shape[1:]))
         sq = (z * z).reshape(z.shape[0], -1).sum(axis=1)
         return -0.5 * d * math.log(2 * math.pi * var) - sq / (2 * var)
 
+    def config(self):
+        """A JSON-able description, e.g. {"sde": "vp", "beta_min": 0.1, "beta_max": 20.0};
+        ``sde_from_config`` rebuilds the SDE from it."""
+        return {"sde": self.name, **self.params()}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.params() == self.params()
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(self.params().items()))))
+
     def __repr__(self):
-        return f"{type(self).__name__}(sigma={self.sigma})"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
 
 
 class VESDE(SDE):
     """The variance-exploding SDE of eq. 1: dx = sigma^t dW (sigma = 25 as in the reference)."""
 
+    name = "ve"
+
     def __init__(self, sigma=25.0):
         sigma = float(sigma)
-        if not sigma > 1.0:
+        if not sigma > 1.0 or not math.isfinite(sigma):
             raise ValueError(f"VESDE needs sigma > 1 (std(t)^2 = (sigma^(2t) - 1) / (2 ln sigma)), "
                              f"got {sigma}")
         self.sigma = sigma
         self.log_sigma = math.log(sigma)
+
+    def params(self):
+        return {"sigma": self.sigma}
+
+    def drift_coeff(self, t):
+        """a(t) = 0: the mean never moves."""
+        return _zeros_like(t)
+
+    def marginal_mean_coeff(self, t):
+        """m(t) = 1."""
+        return _ones_like(t)
 
     def diffusion_coeff(self, t):
         """g(t) = sigma^t."""
@@ -137,25 +247,101 @@ class VESDE(SDE):
         """std(t) = sqrt((sigma^(2t) - 1) / (2 ln sigma)), computed with expm1 so that it stays
         accurate in float32 near t = 0 (sigma^(2t) - 1 would cancel)."""
         c = 2.0 * self.log_sigma
-        if isinstance(t, Tensor) and t.requires_grad:   # differentiable path
-            return (((t * c).exp() - 1.0) / c).sqrt()
+        return _elementwise(lambda M, a: M.sqrt(M.expm1(a * c) / c), t)
 
-        def std(a):
-            if isinstance(a, (int, float)):
-                return math.sqrt(math.expm1(c * a) / c)
-            xp = _xp(a)
-            return xp.sqrt(xp.expm1(a * c) / c)
-        return _on_array(std, t)
+    @property
+    def prior_std(self):
+        """std(T): the prior is N(0, std(T)^2 I), the marginal of any data with std(T) >> its spread."""
+        return float(self.marginal_std(self.T))
+
+
+class VPSDE(SDE):
+    """The variance-preserving SDE, the continuous limit of DDPM (Song eq. 11, app. B):
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW,   beta(t) = beta_min + t (beta_max - beta_min).
+
+    With B(t) = int_0^t beta = beta_min t + 1/2 t^2 (beta_max - beta_min) the marginal is
+    N(exp(-B/2) x0, (1 - exp(-B)) I) (Song eq. 29); DDPM's discrete beta_i are beta(t_i) dt.
+    """
+
+    name = "vp"
+
+    def __init__(self, beta_min=0.1, beta_max=20.0):
+        self.beta_min, self.beta_max = _check_betas(type(self).__name__, beta_min, beta_max)
+
+    def params(self):
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
+
+    def beta(self, t):
+        """beta(t) = beta_min + t (beta_max - beta_min)."""
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t):
+        """B(t) = int_0^t beta(s) ds = beta_min t + 1/2 t^2 (beta_max - beta_min)."""
+        return t * self.beta_min + (t * t) * (0.5 * (self.beta_max - self.beta_min))
+
+    def drift_coeff(self, t):
+        """a(t) = -beta(t) / 2."""
+        return self.beta(t) * -0.5
+
+    def diffusion_coeff(self, t):
+        """g(t) = sqrt(beta(t))."""
+        return _elementwise(lambda M, a: M.sqrt(self.beta(a)), t)
+
+    def marginal_mean_coeff(self, t):
+        """m(t) = exp(-B(t) / 2)."""
+        return _elementwise(lambda M, a: M.exp(self.integrated_beta(a) * -0.5), t)
+
+    def marginal_std(self, t):
+        """std(t) = sqrt(1 - exp(-B(t))), with expm1 for accuracy near t = 0."""
+        return _elementwise(lambda M, a: M.sqrt(-M.expm1(self.integrated_beta(a) * -1.0)), t)
+
+    @property
+    def prior_std(self):
+        """1: the prior is N(0, I) (std(1)^2 = 1 - exp(-B(1)) = 0.99996 by default, m(1) = 0.0066)."""
+        return 1.0
+
+
+class subVPSDE(VPSDE):
+    """The sub-VP SDE (Song eq. 12), VP's drift with a smaller noise:
+
+        dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 B(t)))) dW,
+
+    whose marginal is N(exp(-B/2) x0, (1 - exp(-B))^2 I) (Song eq. 30): its variance is below VP's
+    at every t (Song et al. report their best likelihoods with it).
+    """
+
+    name = "subvp"
+
+    def diffusion_coeff(self, t):
+        """g(t) = sqrt(beta(t) (1 - exp(-2 B(t))))."""
+        return _elementwise(
+            lambda M, a: M.sqrt(self.beta(a) * -M.expm1(self.integrated_beta(a) * -2.0)), t)
+
+    def marginal_std(self, t):
+        """std(t) = 1 - exp(-B(t)) (not its square root)."""
+        return _elementwise(lambda M, a: -M.expm1(self.integrated_beta(a) * -1.0), t)
 
 
 class BrownianSDE(SDE):
     """Constant noise strength, dx = sigma dW: std(t)^2 = sigma^2 t, the setting of eq. 3."""
 
+    name = "brownian"
+
     def __init__(self, sigma=1.0):
         sigma = float(sigma)
-        if not sigma > 0.0:
+        if not sigma > 0.0 or not math.isfinite(sigma):
             raise ValueError(f"BrownianSDE needs sigma > 0, got {sigma}")
         self.sigma = sigma
+
+    def params(self):
+        return {"sigma": self.sigma}
+
+    def drift_coeff(self, t):
+        return _zeros_like(t)
+
+    def marginal_mean_coeff(self, t):
+        return _ones_like(t)
 
     def diffusion_coeff(self, t):
         if isinstance(t, (int, float)):
@@ -165,31 +351,73 @@ class BrownianSDE(SDE):
         return _xp(t).full(t.shape, self.sigma, dtype=t.dtype)
 
     def marginal_std(self, t):
-        if isinstance(t, Tensor) and t.requires_grad:
-            return (t * self.sigma ** 2).sqrt()
+        return _elementwise(lambda M, a: M.sqrt(a * self.sigma ** 2), t)
 
-        def std(a):
-            if isinstance(a, (int, float)):
-                return self.sigma * math.sqrt(a)
-            return self.sigma * _xp(a).sqrt(a)
-        return _on_array(std, t)
+    @property
+    def prior_std(self):
+        return float(self.marginal_std(self.T))
+
+
+def _check_betas(who, beta_min, beta_max):
+    beta_min, beta_max = float(beta_min), float(beta_max)
+    if not (math.isfinite(beta_min) and math.isfinite(beta_max) and 0 <= beta_min <= beta_max
+            and beta_max > 0):
+        raise ValueError(f"{who} needs 0 <= beta_min <= beta_max and beta_max > 0 (finite), got "
+                         f"beta_min={beta_min}, beta_max={beta_max}")
+    return beta_min, beta_max
+
+
+# -- the factory and configurations ------------------------------------------------------------
+
+SDES = {"ve": VESDE, "vp": VPSDE, "subvp": subVPSDE}
+SDE_PARAMS = {"ve": ("sigma",), "vp": ("beta_min", "beta_max"), "subvp": ("beta_min", "beta_max")}
+
+
+def make_sde(name, **params):
+    """The SDE called ``name`` ("ve", "vp" or "subvp") with its parameters (defaults: sigma = 25;
+    beta_min = 0.1, beta_max = 20), e.g. ``make_sde("vp", beta_max=20.0)``."""
+    if name not in SDES:
+        raise ValueError(f"sde must be one of {', '.join(map(repr, SDES))}, got {name!r}")
+    unknown = sorted(set(params) - set(SDE_PARAMS[name]))
+    if unknown:
+        raise ValueError(f"sde {name!r} takes {', '.join(SDE_PARAMS[name])}, got "
+                         f"{', '.join(f'{k}={params[k]!r}' for k in unknown)}")
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise ValueError(f"sde {name!r}: {k} must be a number, got {v!r}")
+    return SDES[name](**params)
+
+
+def sde_from_config(config):
+    """Rebuild an SDE from ``sde.config()`` or from a run configuration that holds one: the name
+    under "sde" (absent: "ve", what every run recorded before the VP SDEs existed) and that SDE's
+    parameters from the keys of the same names (absent: the defaults); other keys are ignored."""
+    if not isinstance(config, dict):
+        raise TypeError(f"sde_from_config needs a dict such as {{'sde': 'vp', 'beta_min': 0.1, "
+                        f"'beta_max': 20.0}}, got {type(config).__name__}")
+    name = config.get("sde", "ve")
+    if name not in SDES:
+        raise ValueError(f"sde must be one of {', '.join(map(repr, SDES))}, got {name!r}")
+    return make_sde(name, **{k: config[k] for k in SDE_PARAMS[name] if config.get(k) is not None})
 
 
 # -- the training objective (eq. 5) ------------------------------------------------------------
 
 
 def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
-    """Denoising score matching, eq. 5:
+    """Denoising score matching, eq. 5 for any SDE here:
 
-        J = E_{t ~ U(eps, T), z ~ N(0, I)} || s(x0 + std(t) z, t) std(t) + z ||^2,
+        J = E_{t ~ U(eps, T), z ~ N(0, I)} || s(m(t) x0 + std(t) z, t) std(t) + z ||^2,
 
     summed over the pixels of each sample and averaged over the batch (as the reference does).
+    The score of p(x(t) | x0) at x(t) = m x0 + std z is -z / std (Vincent 2011; Song eq. 7 with
+    lambda(t) = std(t)^2), so the target of s std is -z at unit scale for every SDE.
 
     Args:
         model: called as ``model(x, t)`` (or ``model(x, t, labels)`` when labels is given) with
             Tensors x of x0's shape and t of shape (N,); returns the score as a Tensor.
         x0: a batch of data, Tensor or array, on the model's backend.
-        sde: the SDE (e.g. ``VESDE(25.0)``).
+        sde: the SDE (e.g. ``VESDE(25.0)``, ``make_sde("vp")``).
         rng: a tinydiff Generator on x0's backend (``backend.default_rng(seed)``); None draws from a
             fresh unseeded one.
         eps: the smallest time drawn (1e-5 as the reference: std(t) -> 0 makes the loss
@@ -218,8 +446,8 @@ def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
     if z is None:
         z = rng.normal(x0.shape, dtype=x0.dtype)
     t, z = _constant_like(_raw(t), x0), _constant_like(_raw(z), x0)
-    std = _batch_view(sde.marginal_std(t), x0.ndim)
-    x = x0 + std * z
+    mean, std = sde.marginal_prob(x0, t)
+    x = mean + std * z
     args = (Tensor(x), Tensor(t)) if labels is None else (Tensor(x), Tensor(t), labels)
     score = model(*args)
     if not isinstance(score, Tensor):
@@ -236,24 +464,31 @@ def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
 
 
 def point_mass_score(x0, sde):
-    """The exact score when all data is one point x0: p(x, t) = N(x0, std(t)^2 I), so
+    """The exact score when all data is one point x0: p(x, t) = N(m(t) x0, std(t)^2 I), so
 
-        s(x, t) = -(x - x0) / std(t)^2,
+        s(x, t) = -(x - m(t) x0) / std(t)^2,
 
     which for constant noise strength (``BrownianSDE(sigma)``, std(t)^2 = sigma^2 t) is eq. 3.
     ``x0`` broadcasts against one sample or a batch. The returned ``score_fn(x, t)`` works on
     arrays (for the samplers) and on Tensors (differentiable in x, for the likelihood)."""
     def score_fn(x, t):
-        var = _batch_view(sde.marginal_std(t), _raw(x).ndim) ** 2
-        return -(x - _constant_like(x0, x)) / _constant_like(var, x)
+        ndim = _raw(x).ndim
+        m = _constant_like(_batch_view(sde.marginal_mean_coeff(t), ndim), x)
+        var = _batch_view(sde.marginal_std(t), ndim) ** 2
+        return -(x - m * _constant_like(x0, x)) / _constant_like(var, x)
     return score_fn
 
 
 def gaussian_score(mu, v, sde):
     """The exact score for Gaussian data N(mu, v I) (``v`` a scalar, or an array for a diagonal
-    covariance): p(x, t) = N(mu, (v + std(t)^2) I), so s(x, t) = -(x - mu) / (v + std(t)^2).
+    covariance): x(t) = m x0 + std z is Gaussian with p(x, t) = N(m mu, (m^2 v + std^2) I), so
+
+        s(x, t) = -(x - m(t) mu) / (m(t)^2 v + std(t)^2).
+
     Works on arrays and on Tensors like ``point_mass_score``."""
     def score_fn(x, t):
-        var = _batch_view(sde.marginal_std(t), _raw(x).ndim) ** 2
-        return -(x - _constant_like(mu, x)) / (_constant_like(v, x) + _constant_like(var, x))
+        ndim = _raw(x).ndim
+        m = _constant_like(_batch_view(sde.marginal_mean_coeff(t), ndim), x)
+        var = _constant_like(_batch_view(sde.marginal_std(t), ndim) ** 2, x)
+        return -(x - m * _constant_like(mu, x)) / ((m * m) * _constant_like(v, x) + var)
     return score_fn

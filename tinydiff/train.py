@@ -107,23 +107,28 @@ def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null
     return loss_fn
 
 
+SAMPLERS = ("em", "pc", "ode", "ancestral")
+
+
 def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labels=None,
                    eps=1e-3, guidance=0.0, nrow=None):
     """sample_fn(model, seed) -> host images in [0, 1], drawn with one of the samplers.
 
-    sampler: "em" (Euler-Maruyama, eq. 2), "pc" (predictor-corrector) or "ode" (probability flow;
-    num_steps is ignored, the solver picks its steps). labels: host int array (N,) for
-    conditional models (None for unconditional), sampled with classifier-free guidance weight
-    ``guidance``. ``nrow`` (images per grid row) is kept as ``sample_fn.nrow`` for the grids, and
-    the labels as ``sample_fn.labels``.
+    sampler: "em" (Euler-Maruyama, eq. 2), "pc" (predictor-corrector), "ode" (probability flow;
+    num_steps is ignored, the solver picks its steps) or "ancestral" (DDPM's, VP SDE only).
+    labels: host int array (N,) for conditional models (None for unconditional), sampled with
+    classifier-free guidance weight ``guidance``. ``nrow`` (images per grid row) is kept as
+    ``sample_fn.nrow`` for the grids, and the labels as ``sample_fn.labels``.
     """
     from . import sampling
 
-    if sampler not in ("em", "pc", "ode"):
-        raise ValueError(f"sampler must be 'em', 'pc' or 'ode', got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
     # checked now, not after the first epoch of training when the samples are drawn
     sampling._check(f"make_sample_fn({sampler!r})", sde, eps,
                     None if sampler == "ode" else num_steps, shape)
+    if sampler == "ancestral":
+        sampling.ancestral_betas(sde, num_steps, eps)      # refuses a non-VP SDE
 
     def sample_fn(model, seed):
         be = model.backend
@@ -136,6 +141,9 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
         elif sampler == "pc":
             x = sampling.predictor_corrector(score_fn, sde, shape, num_steps=num_steps, eps=eps,
                                              rng=rng, backend=be.name)
+        elif sampler == "ancestral":
+            x = sampling.ancestral_sampler(score_fn, sde, shape, num_steps=num_steps, eps=eps,
+                                           rng=rng, backend=be.name)
         else:
             x, _ = sampling.ode_sampler(score_fn, sde, shape, eps=eps, rng=rng, backend=be.name)
         return backend_of(x).to_host(x)
