@@ -40,36 +40,40 @@ def _float(value, what):
     return f
 
 
-def positive_int(value):
-    """An integer >= 1 (counts: epochs, batch size, steps, samples)."""
-    v = _int(value, "an integer >= 1")
-    if v < 1:
-        _fail("an integer >= 1", value)
-    return v
+def int_at_least(k):
+    """A validator for integers >= k (e.g. sampler steps >= 2)."""
+    what = f"an integer >= {k}"
+
+    def check(value):
+        v = _int(value, what)
+        if v < k:
+            _fail(what, value)
+        return v
+    check.__name__ = f"int_at_least_{k}"
+    return check
 
 
-def nonnegative_int(value):
-    """An integer >= 0 (warm-up steps, a count that may be zero)."""
-    v = _int(value, "an integer >= 0")
-    if v < 0:
-        _fail("an integer >= 0", value)
-    return v
+def float_above(k, inclusive=False):
+    """A validator for finite numbers > k (>= k with ``inclusive``), e.g. the VE SDE's sigma > 1."""
+    what = f"a finite number {'>=' if inclusive else '>'} {k:g}"
+
+    def check(value):
+        v = _float(value, what)
+        if v < k or (v == k and not inclusive):
+            _fail(what, value)
+        return v
+    check.__name__ = f"float_above_{k:g}"
+    return check
 
 
-def positive_float(value):
-    """A finite number > 0 (learning rate, sigma, tolerances)."""
-    v = _float(value, "a finite number > 0")
-    if v <= 0:
-        _fail("a finite number > 0", value)
-    return v
-
-
-def nonnegative_float(value):
-    """A finite number >= 0."""
-    v = _float(value, "a finite number >= 0")
-    if v < 0:
-        _fail("a finite number >= 0", value)
-    return v
+positive_int = int_at_least(1)          # counts: epochs, batch size, steps, samples
+positive_int.__name__ = "positive_int"
+nonnegative_int = int_at_least(0)       # warm-up steps, a count that may be zero
+nonnegative_int.__name__ = "nonnegative_int"
+positive_float = float_above(0.0)       # learning rate, tolerances
+positive_float.__name__ = "positive_float"
+nonnegative_float = float_above(0.0, inclusive=True)
+nonnegative_float.__name__ = "nonnegative_float"
 
 
 def finite_float(value):
@@ -158,32 +162,6 @@ def existing_dir(value):
         what = "is a file" if os.path.exists(str(value)) else "does not exist"
         raise argparse.ArgumentTypeError(f"{value!r} {what}; pass the path of a folder")
     return str(value)
-
-
-def int_at_least(k):
-    """A validator for integers >= k (e.g. sampler steps >= 2)."""
-    what = f"an integer >= {k}"
-
-    def check(value):
-        v = _int(value, what)
-        if v < k:
-            _fail(what, value)
-        return v
-    check.__name__ = f"int_at_least_{k}"
-    return check
-
-
-def float_above(k):
-    """A validator for finite numbers > k (e.g. the VE SDE's sigma > 1)."""
-    what = f"a finite number > {k:g}"
-
-    def check(value):
-        v = _float(value, what)
-        if v <= k:
-            _fail(what, value)
-        return v
-    check.__name__ = f"float_above_{k:g}"
-    return check
 
 
 def out_file(suffix):

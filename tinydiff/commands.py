@@ -119,19 +119,13 @@ def _check_sampler(sampler, sde_name, where):
 def _test_bits_per_dim(model, sde, config, n, root, backend, seed=0):
     """Mean bits/dim (and its standard error) of n test images picked with the seed; a
     conditional model is asked for log p(x | y) with the true labels."""
-    from . import data, metrics, sampling
+    from . import data, metrics
     test_x, test_y = data.load_dataset(config["dataset"], "test", root=root, verbose=False)
     n = min(n, len(test_x))
-    x, y = metrics.select(test_x, n, seed, labels=test_y)
-    rng = backend.default_rng(seed)
-    values = []
-    for i in range(0, n, 100):
-        xb = backend.asarray(metrics.prepare_images(x[i:i + 100]))
-        score_model = model if model.num_classes is None else sampling.conditional_score_model(
-            model, backend.asarray(np.asarray(y[i:i + 100], np.int64)))
-        values.append(np.atleast_1d(sampling.bits_per_dim(score_model, xb, sde, rng)))
-    v = np.concatenate(values).astype(np.float64)
-    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan"), n
+    mean, err = metrics.bits_per_dim_on_test_set(
+        model, sde, test_x, n, seed, backend=backend,
+        labels=None if model.num_classes is None else test_y)
+    return mean, err, n
 
 
 # -- sample ----------------------------------------------------------------------------------------

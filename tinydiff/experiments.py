@@ -210,7 +210,7 @@ def load_run(run, backend="numpy", use_ema=True):
 
 # -- drawing samples ---------------------------------------------------------------------------
 
-SAMPLERS = ("em", "pc", "ode", "ancestral")
+SAMPLERS = sampling.SAMPLERS
 
 
 def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
@@ -235,18 +235,9 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
         y = None if labels is None else be.asarray(np.asarray(labels[i:i + m], np.int64))
         score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance)
         rng = be.default_rng(_batch_seed(seed, i))
-        kw = dict(rng=rng, backend=be.name, progress=progress)
-        if sampler == "em":
-            x, nfe = sampling.euler_maruyama(score_fn, sde, (m, *shape), num_steps=steps, **kw), steps
-        elif sampler == "pc":   # one corrector step per predictor step: two score evaluations
-            x, nfe = sampling.predictor_corrector(score_fn, sde, (m, *shape), num_steps=steps,
-                                                  **kw), 2 * steps
-        elif sampler == "ancestral":
-            x, nfe = sampling.ancestral_sampler(score_fn, sde, (m, *shape), num_steps=steps,
-                                                **kw), steps
-        else:
-            x, k = sampling.ode_sampler(score_fn, sde, (m, *shape), rtol=rtol, atol=rtol, **kw)
-            nfe = max(nfe, k)
+        x, k = sampling.sample(sampler, score_fn, sde, (m, *shape), steps, rtol=rtol, rng=rng,
+                               backend=be.name, progress=progress)
+        nfe = max(nfe, k)            # the ODE's count varies by batch: report the largest
         out.append(backend_of(x).to_host(x))
     be.synchronize()
     raw = np.concatenate(out).astype(np.float32)

@@ -315,9 +315,10 @@ def reference_distances(train_images, test_images, classifier, num_samples, seed
 # -- likelihood -----------------------------------------------------------------------------------
 
 def bits_per_dim_on_test_set(score_model, sde, test_images, num_samples, seed=0, batch_size=100,
-                      backend="numpy", **kwargs):
+                      backend="numpy", labels=None, **kwargs):
     """Mean bits/dim of ``num_samples`` test images under the model (probability-flow ODE,
     ``tinydiff.sampling.bits_per_dim`` on uniformly dequantised data). Returns (mean, std error).
+    With the test ``labels`` (a class-conditional model), the bits/dim of log p(x | y).
 
     Only comparable at the same count and seed (the seed picks the images, the dequantisation
     noise and the Hutchinson probes).
@@ -325,7 +326,10 @@ def bits_per_dim_on_test_set(score_model, sde, test_images, num_samples, seed=0,
     from . import sampling
     from .backend import get_backend
     b = get_backend(backend)
-    x = select(test_images, num_samples, seed, name="test_images")
+    if labels is None:
+        x = select(test_images, num_samples, seed, name="test_images")
+    else:
+        x, labels = select(test_images, num_samples, seed, labels=labels, name="test_images")
     if _to_host(x).dtype != np.uint8:
         raise MetricError("bits/dim needs the test images as uint8 (the 256 levels are what the "
                           "dequantisation and the +8 bits assume)")
@@ -333,7 +337,9 @@ def bits_per_dim_on_test_set(score_model, sde, test_images, num_samples, seed=0,
     values = []
     for i in range(0, len(x), batch_size):
         xb = b.asarray(prepare_images(x[i:i + batch_size]))
-        bpd = sampling.bits_per_dim(score_model, xb, sde, rng, **kwargs)
+        model = score_model if labels is None else sampling.conditional_score_model(
+            score_model, b.asarray(np.asarray(labels[i:i + batch_size], np.int64)))
+        bpd = sampling.bits_per_dim(model, xb, sde, rng, **kwargs)
         values.append(np.atleast_1d(_to_host(bpd)).astype(np.float64))
     v = np.concatenate(values)
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")

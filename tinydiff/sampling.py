@@ -222,6 +222,29 @@ def _raw(a):
     return a.data if isinstance(a, Tensor) else a
 
 
+SAMPLERS = ("em", "pc", "ode", "ancestral")
+
+
+def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rng=None,
+           backend=None, progress=False):
+    """Run the sampler named ``sampler`` (one of ``SAMPLERS``); returns (x, nfe).
+
+    nfe is the number of score evaluations per sample: num_steps for "em" and "ancestral",
+    2 num_steps for "pc" (one corrector step per predictor step), the solver's count for "ode"
+    (num_steps is ignored there; rtol = atol = ``rtol``).
+    """
+    kw = dict(eps=eps, rng=rng, backend=backend, progress=progress)
+    if sampler == "em":
+        return euler_maruyama(score_fn, sde, shape, num_steps=num_steps, **kw), num_steps
+    if sampler == "pc":
+        return predictor_corrector(score_fn, sde, shape, num_steps=num_steps, **kw), 2 * num_steps
+    if sampler == "ancestral":
+        return ancestral_sampler(score_fn, sde, shape, num_steps=num_steps, **kw), num_steps
+    if sampler == "ode":
+        return ode_sampler(score_fn, sde, shape, rtol=rtol, atol=rtol, **kw)
+    raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
+
+
 # -- SDE samplers -----------------------------------------------------------------------------
 
 

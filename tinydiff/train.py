@@ -39,6 +39,7 @@ from .checkpoint import (CHECKPOINT, RESUMABLE_CHANGES, CheckpointError,  # noqa
                          SaveError, config_differences, jsonable, load_checkpoint,
                          load_model_weights, misfit_message, read_config, resolve_config,
                          resume_advice, save_checkpoint)
+from .sampling import SAMPLERS  # noqa: F401 (re-exported)
 from .tensor import no_grad
 
 
@@ -107,7 +108,6 @@ def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null
     return loss_fn
 
 
-SAMPLERS = ("em", "pc", "ode", "ancestral")
 
 
 def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labels=None,
@@ -134,18 +134,8 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
         be = model.backend
         y = None if labels is None else be.asarray(np.asarray(labels, np.int64))
         score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance if y is not None else 0.0)
-        rng = be.default_rng(seed)
-        if sampler == "em":
-            x = sampling.euler_maruyama(score_fn, sde, shape, num_steps=num_steps, eps=eps,
-                                        rng=rng, backend=be.name)
-        elif sampler == "pc":
-            x = sampling.predictor_corrector(score_fn, sde, shape, num_steps=num_steps, eps=eps,
-                                             rng=rng, backend=be.name)
-        elif sampler == "ancestral":
-            x = sampling.ancestral_sampler(score_fn, sde, shape, num_steps=num_steps, eps=eps,
-                                           rng=rng, backend=be.name)
-        else:
-            x, _ = sampling.ode_sampler(score_fn, sde, shape, eps=eps, rng=rng, backend=be.name)
+        x, _ = sampling.sample(sampler, score_fn, sde, shape, num_steps, eps=eps,
+                               rng=be.default_rng(seed), backend=be.name)
         return backend_of(x).to_host(x)
     sample_fn.nrow = nrow
     sample_fn.labels = None if labels is None else np.asarray(labels, np.int64)
