@@ -13,7 +13,8 @@ import os
 
 __all__ = ["positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "finite_float",
            "unit_interval", "half_open_unit", "int_list", "float_list", "positive_int_list",
-           "boolean", "out_dir", "existing_file", "existing_dir", "int_at_least", "float_above", "out_file"]
+           "boolean", "out_dir", "existing_file", "existing_dir", "int_at_least", "float_above", "out_file",
+           "choice_list", "int_list_at_least"]
 
 
 def _fail(what, value):
@@ -120,6 +121,32 @@ def positive_int_list(value):
 def float_list(value):
     """Comma-separated finite numbers, e.g. ``0,0.5,1,2``."""
     return _list(value, finite_float, "comma-separated finite numbers, e.g. 0,0.5,1,2")
+
+
+def choice_list(choices):
+    """A validator for comma-separated names from ``choices``, e.g. ``em,heun``."""
+    choices = list(choices)
+    what = f"comma-separated names among {', '.join(choices)}, e.g. {','.join(choices[:2])}"
+
+    def one(p):
+        if p not in choices:
+            _fail(what, p)
+        return p
+
+    def check(value):
+        return _list(value, one, what)
+    check.__name__ = "choice_list"
+    return check
+
+
+def int_list_at_least(k):
+    """A validator for comma-separated integers >= k, e.g. sampler steps ``10,20,50``."""
+    single = int_at_least(k)
+
+    def check(value):
+        return _list(value, single, f"comma-separated integers >= {k}, e.g. 10,20,50")
+    check.__name__ = f"int_list_at_least_{k}"
+    return check
 
 
 def boolean(value):

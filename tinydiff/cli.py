@@ -79,6 +79,13 @@ def add_train_arguments(p, preset=None):
         "preset's)")
     opt("--p-uncond", type=A.unit_interval, help="label dropout of conditional training: the "
         "probability of replacing a label by the 'no label' token (default 0.1)")
+    opt("--noise", choices=["uniform", "lognormal"], help="training noise levels: uniform t "
+        "(eq. 5 as written) or lognormal sigma, ln sigma ~ N(--p-mean, --p-std^2) (Karras et al.)")
+    opt("--p-mean", type=A.finite_float, help="mean of ln sigma of --noise lognormal")
+    opt("--p-std", type=A.positive_float, help="std of ln sigma of --noise lognormal")
+    opt("--loss-weight", choices=["none", "edm"], help="per-noise-level loss weight: none "
+        "(eq. 5) or edm, 1 + sigma^2 / sigma_data^2 (Karras et al.'s lambda)")
+    opt("--sigma-data", type=A.positive_float, help="the data's std in --loss-weight edm")
     opt("--attention", type=_attention, help="feature-map sizes with self-attention blocks, e.g. "
         "5,2, or none (default: the preset's)")
     opt("--heads", dest="num_heads", type=A.positive_int, help="heads per attention block "
@@ -104,6 +111,8 @@ def add_train_arguments(p, preset=None):
         "a conditional run (default 8)")
     opt("--guidance", type=A.finite_float, help="guidance weight w of a conditional run's grids "
         "(default 1)")
+    opt("--show-real", type=A.boolean, help="yes/no: draw training images (of the same classes, "
+        "for a conditional run) beneath the generated ones in every grid")
     opt("--sample-every", type=A.positive_int, help="draw a sample grid every N epochs (default 1)")
     opt("--nonfinite", choices=["stop", "skip"], help="on a NaN/Inf loss or gradient: stop "
         "(default) or skip the step")
@@ -145,7 +154,7 @@ def add_evaluate_arguments(p):
     p.add_argument("--guidance", type=A.float_list, help="guidance weight(s) w of a conditional "
                    "run; several (e.g. 0,0.5,1,2,4) give a sweep table and plot (default: the "
                    "run's)")
-    _add_sampler_arguments(p)
+    _add_sampler_arguments(p, many=True)
     p.add_argument("--bpd", type=A.nonnegative_int, default=0, help="test images for bits/dim "
                    "(default 0: skip; conditional runs use the true labels)")
     p.add_argument("--from-file", type=A.existing_file, help="score the images (and labels) of an "
@@ -157,17 +166,27 @@ def add_evaluate_arguments(p):
                    "test vs noise")
     p.add_argument("--header", action="store_true", help="print the table header first")
     p.add_argument("--save", type=A.out_file(".npz"), help="also write the drawn images here")
-    p.add_argument("--plot", type=A.out_file(".png"), help="the guidance sweep plot (default "
-                   "RUN/guidance_sweep.png)")
+    p.add_argument("--plot", type=A.out_file(".png"), help="the plot of a sweep (default "
+                   "RUN/guidance_sweep.png for several --guidance, RUN/nfe_sweep.png for several "
+                   "--sampler / --steps); its CSV beside it")
     p.set_defaults(command="evaluate")
     return p
 
 
-def _add_sampler_arguments(p):
-    p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
-                   help="em (default), pc, ode, or ancestral (DDPM's; runs with --sde vp)")
-    p.add_argument("--steps", type=A.int_at_least(2), default=500,
-                   help="steps of em / pc / ancestral (default 500; ode picks its own)")
+def _add_sampler_arguments(p, many=False):
+    names = ", ".join(E.SAMPLERS)
+    if many:   # evaluate: every combination is a row; several steps give the FD-against-NFE table
+        p.add_argument("--sampler", type=A.choice_list(E.SAMPLERS), default=["em"],
+                       help=f"sampler(s), comma-separated, among {names} (default em; ancestral "
+                       "needs --sde vp)")
+        p.add_argument("--steps", type=A.int_list_at_least(2), default=[500],
+                       help="steps, comma-separated (e.g. 10,20,35,50,100,500: a table and plot of "
+                       "Fréchet distance against score evaluations); default 500; ode picks its own")
+    else:
+        p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
+                       help=f"one of {names} (default em; ancestral needs --sde vp)")
+        p.add_argument("--steps", type=A.int_at_least(2), default=500,
+                       help="sampler steps (default 500; ode picks its own)")
     p.add_argument("--rtol", type=A.positive_float, default=1e-5,
                    help="ode tolerance, rtol = atol (default 1e-5)")
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")

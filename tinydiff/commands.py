@@ -68,10 +68,13 @@ def train(args, parser):
     else:
         images, train_labels = data.load_dataset(config["dataset"], "train", args.data,
                                                  config["limit"])
+        if config["show_real"]:
+            sample_fn.real = E.real_examples(images, train_labels, labels, n, int(config["seed"]))
         steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
         opt, scheduler, ema = E.build_optimizer(model, config, steps_per_epoch)
         loss = T.score_matching_loss(sde, use_labels=bool(config["conditional"]),
-                                     label_dropout=float(config["p_uncond"]) if config["conditional"] else 0.0)
+                                     label_dropout=float(config["p_uncond"]) if config["conditional"] else 0.0,
+                                     noise=E.build_training_noise(config))
         trainer = T.Trainer(
             model, opt, loss, images, train_labels if config["conditional"] else None,
             out_dir=out, epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
@@ -194,20 +197,27 @@ def save_npz(path, **arrays):
 # -- evaluate --------------------------------------------------------------------------------------
 
 def evaluate(args, parser):
-    from . import data, metrics, plot
+    from . import data, metrics
     from .backend import get_backend
     from .models.classifier import load_classifier
 
     backend = get_backend(args.backend)
     run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
-    _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
+    for sampler in args.sampler:
+        _check_sampler(sampler, run.sde.name, f"the SDE of {run.path}")
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
     if cond:
         ws = ws or [float(run.config.get("guidance", 1.0))]
     else:
         ws = [None]
-    if args.from_file and len(ws) > 1:
-        raise UsageError("--from-file scores one set of images; give at most one --guidance")
+    # one sampler setting per ODE: its steps are the solver's, so a list of steps means nothing
+    settings = [(s, k) for s in args.sampler for k in (args.steps if s != "ode" else args.steps[:1])]
+    if args.from_file and (len(ws) > 1 or len(settings) > 1):
+        raise UsageError("--from-file scores one set of images; give at most one --guidance, "
+                         "--sampler and --steps")
+    if len(ws) > 1 and len(settings) > 1:
+        raise UsageError("sweep one thing at a time: several --guidance weights, or several "
+                         "--sampler / --steps, not both")
     dataset = run.config["dataset"]
     classifier = load_classifier(dataset, path=args.classifier, backend=backend)
     train_x, _ = data.load_dataset(dataset, "train", root=args.data, verbose=False)
@@ -215,65 +225,88 @@ def evaluate(args, parser):
     n, seed = args.samples, args.seed
     floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
     sde = {"ve": "VE", "vp": "VP", "subvp": "sub-VP"}.get(run.sde.name, run.sde.name)
-    name = (f"ScoreNet {'cond.' if cond else 'uncond.'} {sde} {os.path.basename(os.path.dirname(run.path))}"
-            f" (epoch {run.state['epoch']})")
+    name = (f"{E.model_title(run.config)} {'cond.' if cond else 'uncond.'} {sde} "
+            f"{os.path.basename(os.path.dirname(run.path))} (epoch {run.state['epoch']})")
     if args.header:
         print(HEADER)
     rows = []
-    for w in ws:
-        if args.from_file:
-            images, labels, info = _read_samples(args.from_file, cond)
-            w = info.pop("guidance", w)
-        else:
-            labels = np.arange(n) % run.model.num_classes if cond else None
-            images, info = E.draw_samples(run.model, run.sde, n, args.sampler, args.steps, seed,
-                                          args.batch, labels, w or 0.0, args.rtol,
-                                          progress=not args.no_progress)
-            if args.save:
-                save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
-                         guidance=np.nan if w is None else w)
-        fd = metrics.frechet_classifier_distance(images, test_x, classifier, n, seed)
-        row = {"guidance": w, "fd": fd, "floor": floor, "nfe": info.get("nfe", 0),
-               "seconds": info.get("seconds", float("nan"))}
-        if cond:
-            row["accuracy"] = metrics.conditional_accuracy(images, labels, classifier, n, seed)
-            classes = f"cond. acc. {100 * row['accuracy']:.1f}%"
-        else:
-            classes = str(metrics.class_coverage(images, classifier, n, seed))
-        bpd = "–"
-        if args.bpd and w == ws[0]:
-            mean, err, k = _test_bits_per_dim(run.model, run.sde, run.config, args.bpd, args.data,
-                                              backend, seed)
-            bpd = f"{mean:.3f} ± {err:.3f} (n={k}{', given y' if cond else ''})"
-        steps = (f"rtol {args.rtol:g} ({row['nfe']})" if args.sampler == "ode"
-                 else f"{args.steps} ({row['nfe']})")
-        seconds = row["seconds"]
-        timing = "–" if not np.isfinite(seconds) else \
-            f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
-        print(f"| {dataset} | {name} | {args.sampler} | {steps} | {'–' if w is None else f'{w:g}'} "
-              f"| {n} (seed {seed}) | {fd:.1f} ({floor:.1f}) | {classes} | {bpd} | {timing} |",
-              flush=True)
-        rows.append(row)
+    for sampler, num_steps in settings:
+        for w in ws:
+            row = _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, floor,
+                                backend, first=not rows)
+            row.update(sampler=sampler, steps=num_steps)
+            seconds = row["seconds"]
+            timing = "–" if not np.isfinite(seconds) else \
+                f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
+            steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
+                     else f"{num_steps} ({row['nfe']})")
+            weight = "–" if row["guidance"] is None else f"{row['guidance']:g}"
+            print(f"| {dataset} | {name} | {sampler} | {steps} | {weight} | {n} (seed {seed}) | "
+                  f"{row['fd']:.1f} ({floor:.1f}) | {row['classes']} | {row['bpd']} | {timing} |",
+                  flush=True)
+            rows.append(row)
     if args.ceilings:
         ref = metrics.reference_distances(train_x, test_x, classifier, n, seed)
         print(f"reference points at n={n}, seed={seed}: " +
               ", ".join(f"{k} {v:.1f}" for k, v in ref.items()))
     if len(rows) > 1:
-        folder = os.path.dirname(run.path)
+        _write_sweep(args, run, rows, floor, dataset, n, guidance_sweep=len(ws) > 1)
+    return 0
+
+
+def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, floor, backend,
+                  first):
+    """Draw (or read) one set of images and score it: a dict with fd, classes, bpd, nfe, ..."""
+    from . import metrics
+    n, seed = args.samples, args.seed
+    if args.from_file:
+        images, labels, info = _read_samples(args.from_file, cond)
+        w = info.pop("guidance", w)
+    else:
+        labels = np.arange(n) % run.model.num_classes if cond else None
+        images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
+                                      labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
+                                      progress=not args.no_progress)
+        if args.save:
+            save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
+                     guidance=np.nan if w is None else w)
+    fd = metrics.frechet_classifier_distance(images, test_x, classifier, n, seed)
+    row = {"guidance": w, "fd": fd, "floor": floor, "nfe": info.get("nfe", 0),
+           "seconds": info.get("seconds", float("nan")), "accuracy": None, "bpd": "–"}
+    if cond:
+        row["accuracy"] = metrics.conditional_accuracy(images, labels, classifier, n, seed)
+        row["classes"] = f"cond. acc. {100 * row['accuracy']:.1f}%"
+    else:
+        row["classes"] = str(metrics.class_coverage(images, classifier, n, seed))
+    if args.bpd and first:
+        mean, err, k = _test_bits_per_dim(run.model, run.sde, run.config, args.bpd, args.data,
+                                          backend, seed)
+        row["bpd"] = f"{mean:.3f} ± {err:.3f} (n={k}{', given y' if cond else ''})"
+    return row
+
+
+def _write_sweep(args, run, rows, floor, dataset, n, guidance_sweep):
+    """The plot and CSV of a sweep over guidance weights or over samplers and steps."""
+    from . import plot
+    folder = os.path.dirname(run.path)
+    if guidance_sweep:
         path = args.plot or os.path.join(folder, "guidance_sweep.png")
+        r0 = rows[0]
         plot.plot_guidance_sweep(path, [r["guidance"] for r in rows], [r["accuracy"] for r in rows],
                                  [r["fd"] for r in rows], floor,
-                                 title=f"{dataset}, {args.sampler} {args.steps} steps, n={n}")
-        table = path[:-4] + ".csv"
-        with open(table, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["guidance", "conditional_accuracy", "frechet_distance", "floor",
-                             "samples", "sampler", "steps"])
-            for r in rows:
-                writer.writerow([r["guidance"], r["accuracy"], r["fd"], floor, n, args.sampler,
-                                 args.steps])
-        _say(f"guidance sweep: {path}, {table}")
-    return 0
+                                 title=f"{dataset}, {r0['sampler']} {r0['steps']} steps, n={n}")
+    else:
+        path = args.plot or os.path.join(folder, "nfe_sweep.png")
+        plot.plot_nfe_sweep(path, rows, floor, title=f"{dataset}, n={n}, seed {args.seed}")
+    table = path[:-4] + ".csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sampler", "steps", "nfe", "guidance", "conditional_accuracy",
+                         "frechet_distance", "floor", "samples", "seconds"])
+        for r in rows:
+            writer.writerow([r["sampler"], r["steps"], r["nfe"], r["guidance"], r["accuracy"],
+                             r["fd"], floor, n, r["seconds"]])
+    _say(f"{'guidance' if guidance_sweep else 'sampler'} sweep: {path}, {table}")
 
 
 def _read_samples(path, cond):

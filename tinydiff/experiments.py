@@ -55,7 +55,8 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 beta_max=None,
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
-                guidance=1.0, sample_every=1, limit=None, nonfinite="stop")
+                guidance=1.0, sample_every=1, limit=None, nonfinite="stop",
+                show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none", sigma_data=0.5)
 
 NUM_CLASSES = 10          # every data set tinydiff loads has ten classes
 IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
@@ -161,12 +162,50 @@ def build_optimizer(model, config, steps_per_epoch):
     return opt, optim.LRScheduler(opt, schedule), ema
 
 
+def sample_shape(config):
+    """(C, H, W) of the run's images."""
+    return IMAGE_SHAPE[config["dataset"]]
+
+
+def model_title(config):
+    """A few words naming the run's model in tables."""
+    return "ScoreNet"
+
+
+def build_training_noise(config):
+    """The run's TrainingNoise (tinydiff.sde): which noise levels the loss draws, how each counts."""
+    from .sde import TrainingNoise
+    return TrainingNoise(config["noise"], float(config["p_mean"]), float(config["p_std"]),
+                         config["loss_weight"], float(config["sigma_data"]))
+
+
 def grid_labels(config):
     """Labels of the per-epoch / final grids of a conditional run: ``per_class`` of each class,
     one row per class (None for unconditional runs)."""
     if not config["conditional"]:
         return None
     return np.repeat(np.arange(NUM_CLASSES), int(config["per_class"]))
+
+
+def real_examples(images, labels, like_labels=None, n=64, seed=0):
+    """Training images to show beneath a grid of samples: for a conditional grid (``like_labels``,
+    the grid's labels in order) one image of the same class per sample, else ``n`` images; drawn
+    without replacement with ``seed`` so every epoch's grid shows the same ones."""
+    rng = np.random.default_rng(seed)
+    if like_labels is None:
+        idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    else:
+        labels = np.asarray(labels)
+        idx = np.empty(len(like_labels), np.int64)
+        for c in np.unique(like_labels):
+            where = np.flatnonzero(like_labels == c)
+            pool = np.flatnonzero(labels == c)
+            if not len(pool):
+                raise ValueError(f"no training image of class {c} to show beneath the grid")
+            idx[where] = rng.choice(pool, size=len(where), replace=len(pool) < len(where))
+    real = images[idx]
+    return np.asarray(backend_of(real).to_host(real) if not isinstance(real, np.ndarray) else real,
+                      np.float32)
 
 
 # -- trained runs ----------------------------------------------------------------------------

@@ -63,11 +63,26 @@ def _atomic_png(path, write):
     return path
 
 
-def save_image_grid(images, path, nrow=None, padding=2, upscale=2):
-    """Save ``image_grid(images)`` as a PNG, each pixel repeated ``upscale`` times per side."""
+def save_image_grid(images, path, nrow=None, padding=2, upscale=2, real=None):
+    """Save ``image_grid(images)`` as a PNG, each pixel repeated ``upscale`` times per side.
+
+    ``real``: images of the data set drawn beneath the generated ones, in the same layout, below
+    a dark band (the report's Fig. 10-11: generated above, ground truth below; for a conditional
+    grid the real images of the same classes, row for row)."""
     from matplotlib.image import imsave
 
     grid = image_grid(images, nrow=nrow, padding=padding)
+    if real is not None:
+        below = image_grid(real, nrow=nrow or int(np.ceil(np.sqrt(len(_host(images))))),
+                           padding=padding)
+        if below.ndim != grid.ndim:
+            raise ValueError(f"save_image_grid: real images have {1 if below.ndim == 2 else 3} "
+                             f"channels, the generated {1 if grid.ndim == 2 else 3}")
+        width = max(grid.shape[1], below.shape[1])
+        pad = lambda g: np.pad(g, [(0, 0), (0, width - g.shape[1])] + [(0, 0)] * (g.ndim - 2),  # noqa: E731
+                               constant_values=1.0)
+        band = np.full((3 * padding,) + pad(grid).shape[1:], 0.25, np.float32)
+        grid = np.concatenate([pad(grid), band, pad(below)], axis=0)
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
     if grid.ndim == 2:
@@ -75,39 +90,59 @@ def save_image_grid(images, path, nrow=None, padding=2, upscale=2):
     return _atomic_png(path, lambda p: imsave(p, grid))
 
 
-def plot_losses(path, epoch_losses, step_losses=None, title="training loss", smooth=50):
-    """Loss per epoch (right, or alone) and per step with a moving average (left), as a PNG.
+def _moving_average(s, k):
+    """Mean of the last k finite values at each step from k on (NaNs, skipped steps, left out)."""
+    ok = np.isfinite(s)
+    csum = np.cumsum(np.where(ok, s, 0.0))
+    cnt = np.cumsum(ok)
+    return (csum[k - 1:] - np.concatenate([[0.0], csum[:-k]])) / np.maximum(
+        cnt[k - 1:] - np.concatenate([[0], cnt[:-k]]), 1)
+
+
+def _per_step_panel(ax, values, smooth, color, ylabel, title):
+    s = np.asarray(values, np.float64)
+    steps = np.arange(1, len(s) + 1)
+    ax.plot(steps, s, lw=0.5, alpha=0.35, color=color, label="step")
+    k = min(smooth, len(s))
+    if k > 1:
+        ax.plot(steps[k - 1:], _moving_average(s, k), lw=1.5, color=color, label=f"mean of {k}")
+    finite = s[np.isfinite(s)]
+    bad = np.flatnonzero(~np.isfinite(s))
+    if len(bad):      # a NaN/Inf step (stopped or skipped) is marked where it happened
+        for b in bad[:20]:
+            ax.axvline(b + 1, color="black", lw=0.6, ls=":")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log" if len(finite) and finite.min() > 0 else "linear")
+    ax.legend(loc="upper right")
+    ax.set_title(title)
+
+
+def plot_losses(path, epoch_losses, step_losses=None, title="training loss", smooth=50,
+                grad_norms=None):
+    """Loss per step with a moving average, the gradient norm per step (when given), and the
+    mean loss per epoch, side by side, as a PNG. A gradient norm that climbs while the loss
+    still looks fine is the early sign of a run about to blow up (the report's CIFAR-10 runs).
 
     Args:
         epoch_losses: mean loss of each finished epoch (epoch 1, 2, ...).
         step_losses: optional loss of every step (NaN for skipped steps).
-        smooth: window of the moving average drawn over the step losses.
+        grad_norms: optional global gradient norm of every step (before clipping).
+        smooth: window of the moving averages drawn over the per-step curves.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = 2 if step_losses is not None and len(step_losses) else 1
+    curves = [(v, c, y, t) for v, c, y, t in (
+        (step_losses, "tab:blue", "loss", title + " per step"),
+        (grad_norms, "tab:green", "gradient norm", "gradient norm per step"))
+        if v is not None and len(v)]
+    panels = len(curves) + 1
     fig = Figure(figsize=(5 * panels, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
-    if panels == 2:
-        ax = axes[0]
-        s = np.asarray(step_losses, np.float64)
-        steps = np.arange(1, len(s) + 1)
-        ax.plot(steps, s, lw=0.5, alpha=0.35, color="tab:blue", label="step")
-        k = min(smooth, len(s))
-        if k > 1:
-            ok = np.isfinite(s)
-            csum = np.cumsum(np.where(ok, s, 0.0))
-            cnt = np.cumsum(ok)
-            avg = (csum[k - 1:] - np.concatenate([[0.0], csum[:-k]])) / np.maximum(
-                cnt[k - 1:] - np.concatenate([[0], cnt[:-k]]), 1)
-            ax.plot(steps[k - 1:], avg, lw=1.5, color="tab:blue", label=f"mean of {k}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log" if np.nanmin(s) > 0 else "linear")
-        ax.legend(loc="upper right")
-        ax.set_title(title + " per step")
+    for ax, (values, color, ylabel, panel_title) in zip(axes, curves):
+        _per_step_panel(ax, values, smooth, color, ylabel, panel_title)
     ax = axes[-1]
     e = np.asarray(epoch_losses, np.float64)
     ax.plot(np.arange(1, len(e) + 1), e, marker="o", color="tab:red")
@@ -140,5 +175,30 @@ def plot_guidance_sweep(path, weights, accuracies, distances, floor=None, title=
         right.axhline(floor, color="tab:red", ls=":", lw=1, label=f"floor (train vs test) {floor:.1f}")
         right.legend(loc="upper center", fontsize="small")
     right.set_ylabel("Fréchet distance", color="tab:red")
+    ax.set_title(title)
+    return _atomic_png(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+
+
+def plot_nfe_sweep(path, rows, floor=None, title="Fréchet distance against score evaluations"):
+    """Sample quality against cost: the Fréchet distance of each sampler (one line each) against
+    its score evaluations per sample (log scale), with the train-vs-test floor. ``rows``: dicts
+    with ``sampler``, ``nfe``, ``fd``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        mine = sorted((r["nfe"], r["fd"]) for r in rows if r["sampler"] == sampler)
+        ax.plot([m[0] for m in mine], [m[1] for m in mine], marker="o", label=sampler)
+    if floor is not None:
+        ax.axhline(floor, color="black", ls=":", lw=1, label=f"floor (train vs test) {floor:.1f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("score evaluations per sample (NFE)")
+    ax.set_ylabel("Fréchet distance")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
     ax.set_title(title)
     return _atomic_png(path, lambda p: fig.savefig(p, dpi=100, format="png"))

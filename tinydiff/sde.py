@@ -485,7 +485,71 @@ def sde_from_config(config):
 # -- the training objective (eq. 5) ------------------------------------------------------------
 
 
-def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
+NOISE_DISTRIBUTIONS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("none", "edm")
+
+
+class TrainingNoise:
+    """Which noise levels the loss trains on, and how much each counts.
+
+    ``distribution``:
+        "uniform": t ~ U(eps, T), eq. 5 as written (docs/design.md#eq-5).
+        "lognormal": the scaled noise level sigma = std(t) / m(t) (the std of the noise relative
+            to the signal) is drawn log-normally, ln sigma ~ N(p_mean, p_std^2), clipped to the
+            SDE's range [sigma(eps), sigma(T)], and t = sigma^-1 of it (Karras et al. 2022).
+            Under the VE SDE of eq. 1 uniform times put most draws at sigma far above the
+            data's scale (half of them above sigma = 0.7 for sigma_max = 25); the log-normal
+            puts them where samples are decided.
+    ``weighting``:
+        "none": each draw's residual || s std + z ||^2 counts the same (lambda(t) = std(t)^2).
+        "edm": multiplied by (sigma^2 + sigma_data^2) / sigma_data^2, which makes the loss
+            Karras et al.'s lambda(sigma) || D(x; sigma) - x0 ||^2 in the denoiser D(x) = x +
+            sigma^2 grad log p: our residual is (D - x0) / sigma, and their lambda(sigma) =
+            (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+
+    ``TrainingNoise()`` (uniform, none) is eq. 5 exactly.
+    """
+
+    def __init__(self, distribution="uniform", p_mean=-1.2, p_std=1.2, weighting="none",
+                 sigma_data=0.5):
+        if distribution not in NOISE_DISTRIBUTIONS:
+            raise ValueError(f"noise distribution must be one of {', '.join(NOISE_DISTRIBUTIONS)}, "
+                             f"got {distribution!r}")
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got "
+                             f"{weighting!r}")
+        if not (math.isfinite(p_mean) and math.isfinite(p_std) and p_std > 0):
+            raise ValueError(f"the log-normal needs a finite p_mean and p_std > 0, got {p_mean}, "
+                             f"{p_std}")
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.distribution, self.weighting = distribution, weighting
+        self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
+
+    def times(self, sde, n, rng, dtype, eps=1e-5):
+        """n training times on rng's backend (no host round trip)."""
+        if self.distribution == "uniform":
+            return rng.uniform((n,), low=eps, high=sde.T, dtype=dtype)
+        xp = rng.backend.xp
+        lo, hi = (math.log(float(sde.scaled_std(s))) for s in (eps, sde.T))
+        log_sigma = xp.clip(rng.normal((n,), mean=self.p_mean, std=self.p_std, dtype=dtype), lo, hi)
+        return sde.time_of_scaled_std(xp.exp(log_sigma)).astype(dtype, copy=False)
+
+    def weights(self, sde, t):
+        """Per-sample loss weights (N,) or None for unweighted."""
+        if self.weighting == "none":
+            return None
+        sigma = sde.scaled_std(t)
+        return 1.0 + (sigma * sigma) / (self.sigma_data ** 2)
+
+    def __repr__(self):
+        if self.distribution == "uniform" and self.weighting == "none":
+            return "TrainingNoise()"
+        return (f"TrainingNoise({self.distribution!r}, p_mean={self.p_mean:g}, p_std={self.p_std:g}, "
+                f"weighting={self.weighting!r}, sigma_data={self.sigma_data:g})")
+
+
+def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None, noise=None):
     """Denoising score matching, eq. 5 for any SDE here:
 
         J = E_{t ~ U(eps, T), z ~ N(0, I)} || s(m(t) x0 + std(t) z, t) std(t) + z ||^2,
@@ -505,6 +569,8 @@ def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
             ill-conditioned).
         labels: class labels passed through to the model (conditional models).
         t, z: fixed times (N,) and noise (x0's shape) instead of random draws (for tests).
+        noise: a ``TrainingNoise`` (which times are drawn, how each is weighted); None is eq. 5
+            as written (uniform times, unweighted).
     Returns:
         A scalar Tensor.
     """
@@ -522,8 +588,9 @@ def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
         if rng.backend is not be:
             raise ValueError(f"dsm_loss: rng lives on backend {rng.backend.name!r} but x0 on "
                              f"{be.name!r}; use get_backend({be.name!r}).default_rng(seed)")
+    noise = noise or _EQ5
     if t is None:
-        t = rng.uniform((n,), low=eps, high=sde.T, dtype=x0.dtype)
+        t = noise.times(sde, n, rng, x0.dtype, eps)
     if z is None:
         z = rng.normal(x0.shape, dtype=x0.dtype)
     t, z = _constant_like(_raw(t), x0), _constant_like(_raw(z), x0)
@@ -538,7 +605,13 @@ def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None):
                          f"{x0.shape}; a score has the shape of its input")
     residual = score * std + z
     per_sample = (residual * residual).sum(axis=tuple(range(1, x0.ndim)))
+    w = noise.weights(sde, t)
+    if w is not None:
+        per_sample = per_sample * _constant_like(w, x0)
     return per_sample.mean()
+
+
+_EQ5 = TrainingNoise()
 
 
 # -- closed-form scores (eq. 3 and the Gaussian marginal) ----------------------------------------

@@ -81,13 +81,15 @@ _ORDER, _NOISE, _SAMPLES = 1, 2, 3   # purposes, so each stream is independent o
 
 # -- the objective and the per-epoch samples -------------------------------------------------
 
-def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null_label=None):
+def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null_label=None,
+                        noise=None):
     """loss_fn(model, x, y, rng) for the Trainer: denoising score matching, eq. 5 (sde.dsm_loss).
 
     With ``use_labels`` the class labels y are passed to the model; ``label_dropout`` > 0 replaces
     each label by ``null_label`` (default: ``model.null_label``) with that probability, so one
     model also learns the unconditional score (classifier-free guidance). The dropout draws come
-    from the trainer's generator, so resuming stays exact.
+    from the trainer's generator, so resuming stays exact. ``noise``: a ``sde.TrainingNoise``
+    (the distribution of training noise levels and their weights; None: eq. 5 as written).
     """
     from .sde import dsm_loss
 
@@ -104,7 +106,7 @@ def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null
                 null = model.null_label if null_label is None else null_label
                 drop = rng.uniform((y.shape[0],)) < label_dropout
                 labels = backend_of(y).xp.where(drop, null, y)
-        return dsm_loss(model, x, sde, rng, eps=eps, labels=labels)
+        return dsm_loss(model, x, sde, rng, eps=eps, labels=labels, noise=noise)
     return loss_fn
 
 
@@ -118,7 +120,8 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
     num_steps is ignored, the solver picks its steps) or "ancestral" (DDPM's, VP SDE only).
     labels: host int array (N,) for conditional models (None for unconditional), sampled with
     classifier-free guidance weight ``guidance``. ``nrow`` (images per grid row) is kept as
-    ``sample_fn.nrow`` for the grids, and the labels as ``sample_fn.labels``.
+    ``sample_fn.nrow`` for the grids, and the labels as ``sample_fn.labels``; set
+    ``sample_fn.real`` to data images to draw them beneath the samples in every grid.
     """
     from . import sampling
 
@@ -138,6 +141,7 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
                                rng=be.default_rng(seed), backend=be.name)
         return backend_of(x).to_host(x)
     sample_fn.nrow = nrow
+    sample_fn.real = None
     sample_fn.labels = None if labels is None else np.asarray(labels, np.int64)
     return sample_fn
 
@@ -155,7 +159,8 @@ def sample_and_save(model, sample_fn, prefix, seed, ema=None, **info):
             samples = np.asarray(sample_fn(model, seed), np.float32)
     finally:
         model.train()
-    _plot.save_image_grid(samples, prefix + ".png", nrow=getattr(sample_fn, "nrow", None))
+    _plot.save_image_grid(samples, prefix + ".png", nrow=getattr(sample_fn, "nrow", None),
+                          real=getattr(sample_fn, "real", None))
     labels = getattr(sample_fn, "labels", None)
     extra = {} if labels is None else {"labels": labels}
     np.savez(prefix + ".npz", images=np.clip(samples, 0.0, 1.0), samples=samples, seed=seed,
@@ -539,7 +544,8 @@ class Trainer:
     def sample_grid(self, path, seed):
         """Draw samples with sample_fn (EMA weights when available) and save them as a grid."""
         images = self.sample(seed)
-        return _plot.save_image_grid(images, path, nrow=getattr(self.sample_fn, "nrow", None))
+        return _plot.save_image_grid(images, path, nrow=getattr(self.sample_fn, "nrow", None),
+                                     real=getattr(self.sample_fn, "real", None))
 
     def sample(self, seed):
         self.model.eval()
@@ -562,7 +568,7 @@ class Trainer:
                     for r in self.epoch_log))
         if self.epoch_log or self.steps["loss"]:
             _plot.plot_losses(self.path("loss.png"), [r["mean_loss"] for r in self.epoch_log],
-                              self.steps["loss"])
+                              self.steps["loss"], grad_norms=self.steps["grad_norm"])
 
 
 def train(model, optimizer, loss_fn, images, labels=None, resume=False, **kwargs):

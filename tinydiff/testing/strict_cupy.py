@@ -260,7 +260,7 @@ count_nonzero nonzero maximum minimum fmax fmin result_type can_cast ndim shape 
 _UFUNCS = """
 add subtract multiply divide true_divide power negative exp expm1 log log1p log2 sqrt square
 abs absolute tanh sin cos tan arctan arctan2 exp2 floor_divide mod greater greater_equal less
-less_equal equal not_equal logical_and logical_or logical_not reciprocal sinh cosh
+less_equal equal not_equal logical_and logical_or logical_not reciprocal sinh cosh arcsinh
 """.split()
 
 _DTYPES = """
