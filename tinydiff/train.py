@@ -192,13 +192,14 @@ class Trainer:
         config: the run's settings (JSON-able dict) stored with each checkpoint; a resumed run
             must match it, except the keys in RESUMABLE_CHANGES.
         drop_last: leave out the last partial batch of each epoch.
+        hflip: mirror each training image left-right with probability 1/2 (``data.batches``).
         progress: show a tqdm bar with the running loss.
     """
 
     def __init__(self, model, optimizer, loss_fn, images, labels=None, *, out_dir, epochs,
                  batch_size, seed=0, ema=None, scheduler=None, clip_grad=None, sample_fn=None,
                  sample_every=1, on_nonfinite="stop", max_consecutive_skips=20, config=None,
-                 drop_last=False, progress=True):
+                 drop_last=False, hflip=False, progress=True):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -218,11 +219,12 @@ class Trainer:
         self.seed, self.ema, self.scheduler, self.clip_grad = int(seed), ema, scheduler, clip_grad
         self.sample_fn, self.sample_every = sample_fn, int(sample_every)
         self.on_nonfinite, self.max_consecutive_skips = on_nonfinite, int(max_consecutive_skips)
-        self.drop_last, self.progress = drop_last, progress
+        self.drop_last, self.progress, self.hflip = drop_last, progress, bool(hflip)
         self.backend = model.backend
         self.config = dict(config or {})
         # what fixes the trajectory besides the user's config
         self.run_key = {"batch_size": self.batch_size, "seed": self.seed, "drop_last": drop_last,
+                        **({"hflip": True} if self.hflip else {}),
                         "num_images": len(images), "data_fingerprint": _fingerprint(images, labels),
                         "model_class": type(model).__name__}
         self.batches_per_epoch = _data.num_batches(len(images), self.batch_size, drop_last)
@@ -451,7 +453,8 @@ class Trainer:
         e = self.epoch
         order = np.random.default_rng(derived_seed(self.seed, _ORDER, e))
         it = _data.batches(self.images, self.batch_size, rng=order, backend=self.backend,
-                           labels=self.labels, drop_last=self.drop_last, start=self.batch_in_epoch)
+                           labels=self.labels, drop_last=self.drop_last, start=self.batch_in_epoch,
+                           **({"hflip": True} if self.hflip else {}))
         bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, disable=not self.progress,
                    desc=f"epoch {e + 1}/{self.epochs}", dynamic_ncols=True, leave=True)
         self.model.train()
