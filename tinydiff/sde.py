@@ -20,6 +20,10 @@ eq. 5.51 / Song eq. 33 and app. B). The SDEs:
   g(t) = sqrt(beta(t) (1 - exp(-2 B(t)))), std(t) = 1 - exp(-B(t)) (always below VP's); prior N(0, I);
 - ``BrownianSDE(sigma)``: constant noise strength g = sigma, std(t)^2 = sigma^2 t (eq. 3; for tests).
 
+``sde.scaled_std(t)`` = std(t) / m(t) is the noise level sigma of Karras et al. 2022's scaled form
+x(t) = m(t) (x0 + sigma(t) z), and ``sde.time_of_scaled_std(sigma)`` its exact inverse (closed forms
+here, bisection in the base class); the few-step samplers of ``tinydiff.karras`` run on sigma.
+
 ``make_sde(name, **params)`` builds one by name ("ve", "vp", "subvp"); ``sde.config()`` is its
 JSON-able description and ``sde_from_config`` rebuilds it (run configs and checkpoints).
 
@@ -113,6 +117,23 @@ def _zeros_like(t):
     return _xp(t).zeros(t.shape, dtype=t.dtype)
 
 
+def _on_host_sigma(who, formula, sigma):
+    """``formula(xp, sigma)`` for sigma a float or an array (numpy, or a device array whose own xp
+    is used): the inverse schedules of ``time_of_scaled_std``. A float gives a float; host inputs
+    are checked to be finite and >= 0 (a device array is not, to avoid a host sync)."""
+    if isinstance(sigma, Tensor):
+        raise TypeError(f"{who} takes a float or an array of noise levels, not a Tensor")
+    scalar = isinstance(sigma, (int, float, np.number))
+    if scalar or isinstance(sigma, (list, tuple, np.ndarray)):
+        a = np.asarray(sigma, dtype=np.float64 if scalar or not np.issubdtype(
+            np.asarray(sigma).dtype, np.floating) else None)
+        if not (np.isfinite(a).all() and (a >= 0).all()):
+            raise ValueError(f"{who}: sigma must be finite and >= 0, got {sigma!r}")
+        out = formula(np, a)
+        return float(out) if scalar else out
+    return formula(_xp(sigma), sigma)
+
+
 # -- SDEs ------------------------------------------------------------------------------------
 
 
@@ -150,6 +171,31 @@ class SDE:
         raise NotImplementedError
 
     # what follows from the five above
+    def scaled_std(self, t):
+        """sigma(t) = std(t) / m(t): the noise level of Karras et al. 2022's scaled form
+        x(t) = m(t) (x0 + sigma(t) z), so that x / m(t) is the data plus N(0, sigma(t)^2 I) noise
+        (see docs/sampling.md). 0 at t = 0 and increasing in t for every SDE here."""
+        return self.marginal_std(t) / self.marginal_mean_coeff(t)
+
+    def time_of_scaled_std(self, sigma):
+        """The exact inverse of ``scaled_std``: the t in [0, T] with sigma(t) = sigma (a float or an
+        array). The SDEs here have closed forms; this base version bisects on [0, T] (host
+        float64, to about 1e-16 relative) for any SDE whose sigma(t) increases, and refuses a
+        sigma above sigma(T)."""
+        def bisect(xp, s):
+            s = np.asarray(s, dtype=np.float64)
+            top = float(self.scaled_std(float(self.T)))
+            if (s > top * (1 + 1e-12)).any():
+                raise ValueError(f"time_of_scaled_std: sigma {float(s.max()):g} is above sigma(T) = "
+                                 f"{top:g}, beyond the end of {type(self).__name__}'s time")
+            lo, hi = np.zeros_like(s), np.full_like(s, float(self.T))
+            for _ in range(64):                    # T / 2^64: far below 1e-10 of t = 1e-5
+                mid = 0.5 * (lo + hi)
+                below = np.asarray(self.scaled_std(mid)) < s
+                lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+            return np.where(s == 0, 0.0, 0.5 * (lo + hi))
+        return _on_host_sigma("time_of_scaled_std", bisect, sigma)
+
     def drift(self, x, t):
         """f(x, t) = a(t) x; ``t`` a float or a per-sample array (N,)."""
         return _batch_view(_constant_like(self.drift_coeff(t), x), _raw(x).ndim) * x
@@ -254,6 +300,12 @@ class VESDE(SDE):
         """std(T): the prior is N(0, std(T)^2 I), the marginal of any data with std(T) >> its spread."""
         return float(self.marginal_std(self.T))
 
+    def time_of_scaled_std(self, sigma):
+        """m = 1, so sigma(t) = std(t) and sigma^2 = (s^(2t) - 1) / (2 ln s) (s = self.sigma) gives
+        t = log1p(2 ln s sigma^2) / (2 ln s)."""
+        c = 2.0 * self.log_sigma
+        return _on_host_sigma("time_of_scaled_std", lambda xp, a: xp.log1p(c * (a * a)) / c, sigma)
+
 
 class VPSDE(SDE):
     """The variance-preserving SDE, the continuous limit of DDPM (Song eq. 11, app. B):
@@ -301,6 +353,27 @@ class VPSDE(SDE):
         """1: the prior is N(0, I) (std(1)^2 = 1 - exp(-B(1)) = 0.99996 by default, m(1) = 0.0066)."""
         return 1.0
 
+    def time_of_integrated_beta(self, big_b):
+        """The t >= 0 with B(t) = big_b: the positive root of (beta_max - beta_min) t^2 / 2
+        + beta_min t - B = 0, written 2 B / (beta_min + sqrt(beta_min^2 + 2 (beta_max - beta_min) B))
+        so that it neither cancels for small B nor divides by zero when beta_max = beta_min."""
+        scalar = isinstance(big_b, (int, float, np.number))
+        xp = np if scalar or isinstance(big_b, np.ndarray) else _xp(big_b)
+        d = self.beta_max - self.beta_min
+        root = self.beta_min + xp.sqrt(self.beta_min ** 2 + (2.0 * d) * big_b)
+        t = xp.where(big_b > 0, (2.0 * big_b) / xp.where(root > 0, root, 1.0), 0.0)
+        return float(t) if scalar else t
+
+    def _integrated_beta_of_scaled_std(self, xp, sigma):
+        """VP: sigma^2 = std^2 / m^2 = (1 - exp(-B)) / exp(-B) = exp(B) - 1, so B = log1p(sigma^2)."""
+        return xp.log1p(sigma * sigma)
+
+    def time_of_scaled_std(self, sigma):
+        """Closed form: B from sigma (``_integrated_beta_of_scaled_std``), then t from B
+        (``time_of_integrated_beta``)."""
+        return _on_host_sigma("time_of_scaled_std", lambda xp, a: self.time_of_integrated_beta(
+            self._integrated_beta_of_scaled_std(xp, a)), sigma)
+
 
 class subVPSDE(VPSDE):
     """The sub-VP SDE (Song eq. 12), VP's drift with a smaller noise:
@@ -321,6 +394,10 @@ class subVPSDE(VPSDE):
     def marginal_std(self, t):
         """std(t) = 1 - exp(-B(t)) (not its square root)."""
         return _elementwise(lambda M, a: -M.expm1(self.integrated_beta(a) * -1.0), t)
+
+    def _integrated_beta_of_scaled_std(self, xp, sigma):
+        """sub-VP: sigma = (1 - exp(-B)) / exp(-B/2) = 2 sinh(B / 2), so B = 2 asinh(sigma / 2)."""
+        return 2.0 * xp.arcsinh(0.5 * sigma)
 
 
 class BrownianSDE(SDE):
@@ -356,6 +433,10 @@ class BrownianSDE(SDE):
     @property
     def prior_std(self):
         return float(self.marginal_std(self.T))
+
+    def time_of_scaled_std(self, sigma):
+        """sigma(t) = std(t) = s sqrt(t) (s = self.sigma), so t = (sigma / s)^2."""
+        return _on_host_sigma("time_of_scaled_std", lambda xp, a: (a / self.sigma) ** 2, sigma)
 
 
 def _check_betas(who, beta_min, beta_max):
