@@ -15,7 +15,13 @@ numbers are those of docs/design.md.
 - ``ode_sampler``: the probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song eq. 13),
   solved on the host by ``scipy.integrate.solve_ivp``;
 - ``log_likelihood`` / ``bits_per_dim``: the same ODE run forward from the data, with the change of
-  log-density given by the divergence of its drift (Skilling-Hutchinson estimator).
+  log-density given by the divergence of its drift (Skilling-Hutchinson estimator);
+- ``heun_sampler`` / ``karras_sde_sampler`` (names "heun", "heun-sde"): Karras et al. 2022's
+  few-step samplers on the same ODE in the noise level sigma (``tinydiff.karras``).
+
+``sample(name, ...)`` runs any of them by name (``SAMPLERS``) and returns (x, nfe); every sampler
+takes ``callback(i, t, x)``, called after each step with the time reached and the state there
+(the last call gets the returned samples), to record a path from noise to data.
 
 The SDE samplers draw all noise from a tinydiff Generator on the chosen backend and never copy
 anything to the host inside their loops (time steps are Python floats), so on CuPy they queue
@@ -63,16 +69,17 @@ def _setup(shape, rng, backend, x_init):
     return be, rng
 
 
-def _check(name, sde, eps, num_steps=None, shape=None, rtol=None, atol=None):
+def _check(name, sde, eps, num_steps=None, shape=None, rtol=None, atol=None, steps_hint=None):
     """Refuse arguments a sampler cannot honour, naming the argument (instead of a math domain
-    error, an endless solve or NaN samples later)."""
+    error, an endless solve or NaN samples later); ``steps_hint`` says what num_steps means."""
     T = float(sde.T)
     if isinstance(eps, bool) or not isinstance(eps, (int, float, np.number)) \
             or not math.isfinite(eps) or not 0 < eps < T:
         raise ValueError(f"{name}: eps must lie in (0, T = {T:g}), got {eps!r}")
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(
             num_steps, (int, np.integer)) or num_steps < 2):
-        raise ValueError(f"{name}: num_steps must be an integer >= 2, got {num_steps!r}")
+        raise ValueError(f"{name}: num_steps must be an integer >= 2"
+                         f"{f' ({steps_hint})' if steps_hint else ''}, got {num_steps!r}")
     if shape is not None:
         shape = tuple(shape)
         if not shape or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
@@ -82,6 +89,18 @@ def _check(name, sde, eps, num_steps=None, shape=None, rtol=None, atol=None):
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float, np.number))
                                 or not math.isfinite(tol) or tol <= 0):
             raise ValueError(f"{name}: {what} must be a finite number > 0 (e.g. 1e-5), got {tol!r}")
+
+
+def _check_number(name, what, value, minimum, hint=None, allow_min=False, allow_inf=False):
+    """Refuse a ``what`` that is not a real number > minimum (>= with allow_min; inf with
+    allow_inf), in one line naming the argument, with ``hint`` on what to pass."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float, np.number))
+          and not math.isnan(value) and (allow_inf or math.isfinite(value))
+          and (value >= minimum if allow_min else value > minimum))
+    if not ok:
+        bound = f"{'>=' if allow_min else '>'} {minimum:g}"
+        raise ValueError(f"{name}: {what} must be a {'' if allow_inf else 'finite '}number {bound}"
+                         f"{f' ({hint})' if hint else ''}, got {value!r}")
 
 
 def _score(score_fn, x, t):
@@ -222,18 +241,22 @@ def _raw(a):
     return a.data if isinstance(a, Tensor) else a
 
 
-SAMPLERS = ("em", "pc", "ode", "ancestral")
+SAMPLERS = ("em", "pc", "ode", "ancestral", "heun", "heun-sde")
 
 
 def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rng=None,
-           backend=None, progress=False):
+           backend=None, progress=False, callback=None, **options):
     """Run the sampler named ``sampler`` (one of ``SAMPLERS``); returns (x, nfe).
 
     nfe is the number of score evaluations per sample: num_steps for "em" and "ancestral",
     2 num_steps for "pc" (one corrector step per predictor step), the solver's count for "ode"
-    (num_steps is ignored there; rtol = atol = ``rtol``).
+    (num_steps is ignored there; rtol = atol = ``rtol``), and 2 num_steps - 1 for "heun" and
+    "heun-sde", where num_steps is the number of noise levels of the Karras schedule (18 is
+    EDM's choice: 35 evaluations). A guided score_fn counts one batched call as one evaluation.
+    ``callback(i, t, x)`` is called after each step (see the samplers); other keyword arguments
+    go to the sampler itself (e.g. ``snr`` for "pc", ``rho`` or ``S_churn`` for "heun-sde").
     """
-    kw = dict(eps=eps, rng=rng, backend=backend, progress=progress)
+    kw = dict(eps=eps, rng=rng, backend=backend, progress=progress, callback=callback, **options)
     if sampler == "em":
         return euler_maruyama(score_fn, sde, shape, num_steps=num_steps, **kw), num_steps
     if sampler == "pc":
@@ -242,6 +265,10 @@ def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rn
         return ancestral_sampler(score_fn, sde, shape, num_steps=num_steps, **kw), num_steps
     if sampler == "ode":
         return ode_sampler(score_fn, sde, shape, rtol=rtol, atol=rtol, **kw)
+    if sampler in ("heun", "heun-sde"):
+        run = heun_sampler if sampler == "heun" else karras_sde_sampler
+        x = run(score_fn, sde, shape, num_steps=num_steps, **kw)
+        return x, heun_nfe(num_steps, options.get("denoise", True))
     raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
 
 
@@ -249,7 +276,7 @@ def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rn
 
 
 def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, backend=None,
-                   progress=False, x_init=None, dtype=np.float32):
+                   progress=False, x_init=None, dtype=np.float32, callback=None):
     """Euler-Maruyama on the reverse SDE, from t = T to t = eps in ``num_steps`` equal steps:
 
         x <- x - [f(x, t) - g(t)^2 s(x, t)] dt + g(t) sqrt(dt) r       (eq. 2 when f = 0)
@@ -266,6 +293,9 @@ def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, back
         progress: show a tqdm bar.
         x_init: start from this array instead of a prior draw N(0, prior_std^2 I).
         dtype: float dtype of the samples.
+        callback: ``callback(i, t, x)`` after step i = 0 .. num_steps - 1, with the time it
+            reached, t = t_i - dt (eps - dt after the last, below 0 when dt > eps), and the state
+            x there on the backend; the last call gets the returned mean.
     Returns:
         The noise-free mean x - [f - g^2 s] dt of the last step, an array of ``shape`` on the
         backend (as the reference tutorial returns).
@@ -277,17 +307,26 @@ def euler_maruyama(score_fn, sde, shape, num_steps=500, eps=1e-3, rng=None, back
     time_steps = np.linspace(sde.T, eps, num_steps)          # host floats: no device syncs
     dt = float(time_steps[0] - time_steps[1])
     mean = x
-    for t in _progress(time_steps, enabled=progress, desc="Euler-Maruyama"):
+    for i, t in enumerate(_progress(time_steps, enabled=progress, desc="Euler-Maruyama")):
         t = float(t)
         g = sde.diffusion_coeff(t)
         t_batch = xp.full((shape[0],), t, dtype=dtype)
         mean = _reverse_mean(sde, x, _score(score_fn, x, t_batch), t, dt)      # drift
         x = mean + (g * math.sqrt(dt)) * rng.normal(shape, dtype=dtype)       # noise
+        _frame(callback, i, num_steps, t - dt, x, mean)
     return mean
 
 
+def _frame(callback, i, num_steps, t, x, mean):
+    """The trajectory hook of the SDE samplers: the state after step i, the noise-free mean
+    (what the sampler returns) after the last."""
+    if callback is not None:
+        callback(i, t, mean if i == num_steps - 1 else x)
+
+
 def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_corrector=1, eps=1e-3,
-                        rng=None, backend=None, progress=False, x_init=None, dtype=np.float32):
+                        rng=None, backend=None, progress=False, x_init=None, dtype=np.float32,
+                        callback=None):
     """Predictor-corrector sampling: at each time point, ``n_corrector`` Langevin MCMC steps at
     fixed t (the corrector), then one Euler-Maruyama step (the predictor, eq. 2).
 
@@ -297,8 +336,9 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
         step = 2 (snr * sqrt(D) / mean_over_batch ||s||)^2,   x <- x + step s + sqrt(2 step) r,
 
     so the ratio of the score step to the noise is ``snr`` (0.16 in the reference). The step size
-    stays on the device (a 0-d array): no host sync. Other arguments as ``euler_maruyama``.
-    Returns the noise-free mean of the last predictor step.
+    stays on the device (a 0-d array): no host sync. Other arguments (``callback`` too: once
+    per predictor step) as ``euler_maruyama``. Returns the noise-free mean of the last predictor
+    step.
     """
     _check("predictor_corrector", sde, eps, num_steps, shape)
     if not (isinstance(snr, (int, float, np.number)) and math.isfinite(snr) and snr > 0):
@@ -315,7 +355,7 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
     time_steps = np.linspace(sde.T, eps, num_steps)
     dt = float(time_steps[0] - time_steps[1])
     mean = x
-    for t in _progress(time_steps, enabled=progress, desc="predictor-corrector"):
+    for i, t in enumerate(_progress(time_steps, enabled=progress, desc="predictor-corrector")):
         t = float(t)
         t_batch = xp.full((n,), t, dtype=dtype)
         for _ in range(n_corrector):                     # corrector: Langevin dynamics at time t
@@ -329,6 +369,7 @@ def predictor_corrector(score_fn, sde, shape, num_steps=500, snr=0.16, n_correct
         g = sde.diffusion_coeff(t)                       # predictor: Euler-Maruyama
         mean = _reverse_mean(sde, x, _score(score_fn, x, t_batch), t, dt)
         x = mean + (g * math.sqrt(dt)) * rng.normal(shape, dtype=dtype)
+        _frame(callback, i, num_steps, t - dt, x, mean)
     return mean
 
 
@@ -351,7 +392,7 @@ def ancestral_betas(sde, num_steps=1000, eps=1e-3):
 
 
 def ancestral_sampler(score_fn, sde, shape, num_steps=1000, eps=1e-3, rng=None, backend=None,
-                      progress=False, x_init=None, dtype=np.float32):
+                      progress=False, x_init=None, dtype=np.float32, callback=None):
     """DDPM's ancestral sampling (Ho et al. 2020, Algorithm 2; score_sde's
     AncestralSamplingPredictor) for the VP SDE, with beta_k from ``ancestral_betas``:
 
@@ -359,8 +400,9 @@ def ancestral_sampler(score_fn, sde, shape, num_steps=1000, eps=1e-3, rng=None, 
 
     which is DDPM's x_{k-1} = (x_k - beta_k / sqrt(1 - alphabar_k) eps(x_k)) / sqrt(alpha_k)
     + sigma_k z with sigma_k^2 = beta_k, since the score is s = -eps / sqrt(1 - alphabar_k).
-    ``num_steps`` defaults to DDPM's 1000; other arguments as ``euler_maruyama``.
-    Returns the noise-free mean of the last step.
+    ``num_steps`` defaults to DDPM's 1000; other arguments as ``euler_maruyama`` (the step at
+    t_k reaches max(t_k - dt, 0), the time ``callback`` gets). Returns the noise-free mean of the
+    last step.
     """
     _check("ancestral_sampler", sde, eps, num_steps, shape)
     time_steps, betas = ancestral_betas(sde, num_steps, eps)
@@ -368,10 +410,13 @@ def ancestral_sampler(score_fn, sde, shape, num_steps=1000, eps=1e-3, rng=None, 
     xp = be.xp
     x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init.astype(dtype)
     mean = x
-    for t, beta in _progress(list(zip(time_steps, betas)), enabled=progress, desc="ancestral"):
+    dt = float(time_steps[0] - time_steps[1])
+    steps = list(zip(time_steps, betas))
+    for i, (t, beta) in enumerate(_progress(steps, enabled=progress, desc="ancestral")):
         t_batch = xp.full((shape[0],), float(t), dtype=dtype)
         mean = (x + beta * _score(score_fn, x, t_batch)) * (1.0 / math.sqrt(1.0 - beta))
         x = mean + math.sqrt(beta) * rng.normal(shape, dtype=dtype)
+        _frame(callback, i, num_steps, max(float(t) - dt, 0.0), x, mean)
     return mean
 
 
@@ -379,11 +424,13 @@ def ancestral_sampler(score_fn, sde, shape, num_steps=1000, eps=1e-3, rng=None, 
 
 
 def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1e-3, rng=None,
-                backend=None, progress=False, x_init=None, dtype=np.float32):
+                backend=None, progress=False, x_init=None, dtype=np.float32, callback=None):
     """Sample by solving the probability-flow ODE dx/dt = f(x, t) - 1/2 g(t)^2 s(x, t) (Song eq. 13;
     ``sde.reverse_drift(..., probability_flow=True)``) from T down to eps
     with ``scipy.integrate.solve_ivp`` (the state lives on the host in float64; each evaluation
-    copies x to the backend and the score back, explicitly).
+    copies x to the backend and the score back, explicitly). ``callback(i, t, x)`` is called
+    after the solve, once per step the solver accepted (solve_ivp keeps them all), with x on the
+    backend; the last call gets the returned samples.
 
     Returns:
         (samples, nfe): the solution at t = eps as an array of ``shape`` and ``dtype`` on the
@@ -416,6 +463,9 @@ def ode_sampler(score_fn, sde, shape, rtol=1e-5, atol=1e-5, method="RK45", eps=1
     if not res.success:
         raise RuntimeError(f"ode_sampler: solve_ivp failed ({res.message}) after {res.nfev} "
                            f"evaluations; try method='RK23' or looser rtol/atol")
+    if callback is not None:
+        for i in range(1, len(res.t)):
+            callback(i - 1, float(res.t[i]), be.asarray(res.y[:, i].reshape(shape), dtype=dtype))
     return be.asarray(res.y[:, -1].reshape(shape), dtype=dtype), int(res.nfev)
 
 
@@ -587,3 +637,7 @@ def bits_per_dim(score_model, x, sde, rng=None, dequantize_data=True, **kwargs):
     d = int(np.prod(raw.shape[1:]))
     logp = log_likelihood(score_model, y, sde, rng, **kwargs)
     return -logp / (d * math.log(2)) + 8.0
+
+
+# the few-step samplers live in their own module and use the plumbing above
+from .karras import heun_encode, heun_nfe, heun_sampler, karras_sde_sampler, karras_sigmas  # noqa: E402,F401
