@@ -179,6 +179,41 @@ def _snapshot(folder):
             if os.path.isfile(os.path.join(folder, name))}
 
 
+def test_evaluate_sweeps_samplers_at_equal_score_evaluations(runs, root, tmp_path, capsys):
+    plot = tmp_path / "nfe.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        capsys.readouterr()
+        assert call("evaluate", runs["uncond"], "--samples", "20", "--sampler", "em,heun",
+                    "--nfe", "3,5", "--plot", plot, "--data", root, "--no-progress") == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| mnist")]
+    # em: steps = NFE; heun: 2 evaluations per step, one less in all (3 -> 2 steps, 5 -> 3)
+    assert [(r[2], r[3]) for r in rows] == [("em", "3 (3)"), ("em", "5 (5)"), ("heun", "2 (3)"),
+                                           ("heun", "3 (5)")]
+    csv_rows = (tmp_path / "nfe.csv").read_text().splitlines()
+    assert plot.is_file() and csv_rows[0].startswith("sampler,steps,nfe") and len(csv_rows) == 5
+
+
+def test_sample_trajectory_writes_animations_and_strips(runs, root, tmp_path):
+    from PIL import Image
+    gif = tmp_path / "traj.gif"
+    assert call("sample", runs["cond"], "--num-samples", "10", "--steps", "6", "--sampler", "heun",
+                "--trajectory", gif, "--frames", "4", "--trajectory-images", "3", "--data", root,
+                "--out", tmp_path / "s.npz", "--no-progress") == 0
+    with Image.open(gif) as im:
+        assert im.n_frames == 4
+    # forward: the clean images (t = 0, where heun's last frame also is), then the 3 other times
+    with Image.open(tmp_path / "traj_forward.gif") as im:
+        assert im.n_frames == 4
+    strip = Image.open(tmp_path / "traj.png")
+    forward = Image.open(tmp_path / "traj_forward.png")
+    # 3 rows (images) by 4 columns (frames) of 28x28 tiles with 2-pixel gaps, upscaled 2x
+    assert strip.size == forward.size == (2 * (4 * 30 + 2), 2 * (3 * 30 + 2))
+    first_column = np.asarray(forward.convert("L"))[4:60, 4:60]
+    assert first_column.std() > 10                 # a real image (strokes), not blank
+
+
 def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):
     cond, uncond = runs["cond"], runs["uncond"]
     before = {k: _snapshot(v) for k, v in runs.items()}
@@ -202,6 +237,13 @@ def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):
         (["evaluate", uncond, "--guidance", "1"], 2, "--guidance"),
         (["evaluate", cond, "--from-file", tmp_path / "none.npz"], 2, "--from-file"),
         (["evaluate", cond, "--from-file", tmp_path / "s.npz", "--guidance", "0,1"], 2, "--from-file"),
+        (["evaluate", cond, "--sampler", "em,fast"], 2, "--sampler"),
+        (["evaluate", cond, "--steps", "10,1"], 2, "--steps"),
+        (["evaluate", cond, "--nfe", "2", "--sampler", "pc"], 2, "--nfe"),
+        (["evaluate", cond, "--nfe", "10", "--steps", "10"], 2, "--steps"),
+        (["evaluate", cond, "--sampler", "em,heun", "--guidance", "0,1"], 2, "one thing at a time"),
+        (["sample", cond, "--trajectory", tmp_path / "t.png"], 2, "--trajectory"),
+        (["sample", cond, "--frames", "1"], 2, "--frames"),
         ([], 2, "train,sample,evaluate"), (["fly"], 2, "fly"),
     ]
     (tmp_path / "s.npz").write_bytes(b"")

@@ -143,6 +143,15 @@ def add_sample_arguments(p):
     p.add_argument("--out", type=A.out_file(".npz"), help="the .npz to write (default "
                    "RUN/samples.npz): images (N, C, H, W) float32 in [0, 1], labels (N,)")
     p.add_argument("--grid", type=A.out_file(".png"), help="the PNG grid (default: beside --out)")
+    p.add_argument("--trajectory", type=A.out_file(".gif"), help="also follow a few images from "
+                   "noise to data: FILE.gif and a FILE.png strip, and test images noised along "
+                   "eq. 1 at the same times (FILE_forward.gif / .png)")
+    p.add_argument("--frames", type=A.int_at_least(2), default=12, help="frames of --trajectory "
+                   "(default 12)")
+    p.add_argument("--trajectory-images", type=A.positive_int, default=8, help="images followed "
+                   "by --trajectory (default 8)")
+    p.add_argument("--data", type=A.existing_dir, help="folder holding the data sets, for the "
+                   "real images of --trajectory (default $TINYDIFF_DATA, then the cache)")
     p.set_defaults(command="sample")
     return p
 
@@ -179,9 +188,13 @@ def _add_sampler_arguments(p, many=False):
         p.add_argument("--sampler", type=A.choice_list(E.SAMPLERS), default=["em"],
                        help=f"sampler(s), comma-separated, among {names} (default em; ancestral "
                        "needs --sde vp)")
-        p.add_argument("--steps", type=A.int_list_at_least(2), default=[500],
-                       help="steps, comma-separated (e.g. 10,20,35,50,100,500: a table and plot of "
-                       "Fréchet distance against score evaluations); default 500; ode picks its own")
+        g = p.add_mutually_exclusive_group()
+        g.add_argument("--steps", type=A.int_list_at_least(2), default=[500],
+                       help="steps, comma-separated (several: a table and plot of Fréchet distance "
+                       "against score evaluations); default 500; ode picks its own")
+        g.add_argument("--nfe", type=A.int_list_at_least(2), help="instead of --steps: score "
+                       "evaluations per sample, comma-separated (e.g. 10,20,35,50,100,500), each "
+                       "sampler given the most steps within it (heun: 2 per step)")
     else:
         p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
                        help=f"one of {names} (default em; ancestral needs --sde vp)")

@@ -180,7 +180,36 @@ def sample(args, parser):
     what = f", labels {_describe(labels)}, guidance {guidance:g}" if cond else ""
     _say(f"{n} samples ({args.sampler}, NFE {info['nfe']}{what}) in {info['seconds']:.1f} s: "
          f"{out}, {grid}")
+    if args.trajectory:
+        _save_trajectories(args, run, labels, guidance if cond else 0.0, nrow)
     return 0
+
+
+def _save_trajectories(args, run, labels, guidance, nrow):
+    """--trajectory FILE.gif: the first few images of the same draw followed from noise to data
+    (FILE.gif, FILE.png strip), and as many test images noised along eq. 1 at the same times
+    (FILE_forward.gif / .png)."""
+    from . import data, trajectory as TR
+    k = min(args.trajectory_images, len(labels) if labels is not None else args.trajectory_images)
+    if labels is not None:     # one image per class asked for, in the order of the grid
+        labels = np.asarray(list(dict.fromkeys(labels.tolist())) * k)[:k]
+    steps = None if args.sampler == "ode" else args.steps
+    rec = TR.Recorder(steps, args.frames)
+    E.draw_samples(run.model, run.sde, k, args.sampler, args.steps, args.seed, k, labels,
+                   guidance, args.rtol, shape=E.sample_shape(run.config), callback=rec)
+    frames, times = rec.thinned()
+    base = args.trajectory[:-4]
+    TR.save_gif(frames, args.trajectory, times, run.sde)
+    TR.save_strip(frames, base + ".png", times, run.sde)
+    test_x, test_y = data.load_dataset(run.config["dataset"], "test", root=args.data, verbose=False)
+    pick = np.random.default_rng(args.seed).choice(len(test_x), size=k, replace=False)
+    # the clean images (t = 0) first, then the sampler's times in increasing order
+    forward_times = sorted(set([0.0] + [float(t) for t in times]))
+    noised = TR.forward_noising(run.sde, test_x[pick], forward_times, np.random.default_rng(args.seed))
+    TR.save_gif(noised, base + "_forward.gif", forward_times, run.sde)
+    TR.save_strip(noised, base + "_forward.png", forward_times, run.sde)
+    _say(f"trajectories of {k} images, {len(frames)} frames: {args.trajectory}, {base}.png "
+         f"(noise to data), {base}_forward.gif, {base}_forward.png (data to noise, eq. 1)")
 
 
 def _describe(labels):
@@ -211,7 +240,15 @@ def evaluate(args, parser):
     else:
         ws = [None]
     # one sampler setting per ODE: its steps are the solver's, so a list of steps means nothing
-    settings = [(s, k) for s in args.sampler for k in (args.steps if s != "ode" else args.steps[:1])]
+    if args.nfe:
+        try:
+            settings = [(s, E.steps_for_nfe(s, k) or 500) for s in args.sampler
+                        for k in (args.nfe if s != "ode" else args.nfe[:1])]
+        except ValueError as e:
+            raise UsageError(f"--nfe: {e}") from None
+    else:
+        settings = [(s, k) for s in args.sampler
+                    for k in (args.steps if s != "ode" else args.steps[:1])]
     if args.from_file and (len(ws) > 1 or len(settings) > 1):
         raise UsageError("--from-file scores one set of images; give at most one --guidance, "
                          "--sampler and --steps")

@@ -253,20 +253,23 @@ SAMPLERS = sampling.SAMPLERS
 
 
 def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
-                 labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False):
+                 labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False, callback=None):
     """``num_samples`` images from a score model, in batches, seeded.
 
     Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
     with ``raw`` (the unclipped samples), ``nfe`` (score evaluations per sample: steps for em,
-    2 steps for pc, the solver's count for ode; a guided evaluation is one batched call on 2N) and
-    ``seconds``. ``sampler`` "ancestral" (DDPM's) needs the VP SDE.
+    2 steps for pc, 2 steps - 1 for heun / heun-sde, the solver's count for ode; a guided
+    evaluation is one batched call on 2N) and ``seconds``. ``sampler`` "ancestral" (DDPM's) needs
+    the VP SDE. ``callback(i, t, x)`` is passed to the sampler (every batch; see
+    tinydiff.trajectory for a recorder).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if sampler == "ancestral":
         sampling.ancestral_betas(sde, steps)          # refuses a non-VP SDE before any work
     be = model.backend
-    shape = tuple(shape or (model.in_channels, 28, 28))
+    shape = tuple(shape or (model.in_channels, getattr(model, "image_size", 28),
+                            getattr(model, "image_size", 28)))
     out, nfe = [], 0
     start = time.perf_counter()
     for i in range(0, num_samples, batch_size):
@@ -275,12 +278,28 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
         score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance)
         rng = be.default_rng(_batch_seed(seed, i))
         x, k = sampling.sample(sampler, score_fn, sde, (m, *shape), steps, rtol=rtol, rng=rng,
-                               backend=be.name, progress=progress)
+                               backend=be.name, progress=progress, callback=callback)
         nfe = max(nfe, k)            # the ODE's count varies by batch: report the largest
         out.append(backend_of(x).to_host(x))
     be.synchronize()
     raw = np.concatenate(out).astype(np.float32)
     return np.clip(raw, 0.0, 1.0), {"raw": raw, "nfe": nfe, "seconds": time.perf_counter() - start}
+
+
+# score evaluations per step of each sampler (ode: the solver decides; heun: 2 per step, one less
+# at the end, where the last step to sigma = 0 is a plain Euler step)
+def steps_for_nfe(sampler, nfe):
+    """The most steps of ``sampler`` that spend at most ``nfe`` score evaluations per sample (so
+    samplers can be compared at equal cost); None for ode, whose solver picks its own steps."""
+    nfe = int(nfe)
+    if sampler == "ode":
+        return None
+    steps = {"em": nfe, "ancestral": nfe, "pc": nfe // 2,
+             "heun": (nfe + 1) // 2, "heun-sde": (nfe + 1) // 2}[sampler]
+    if steps < 2:
+        raise ValueError(f"{nfe} score evaluations are too few for {sampler} (it needs at least "
+                         f"{ {'pc': 4, 'heun': 3, 'heun-sde': 3}.get(sampler, 2) })")
+    return steps
 
 
 def _batch_seed(seed, offset):
