@@ -1,3 +1,5 @@
-"""Models: the reference ScoreNet (docs/design.md, the reference model) and the feature classifier."""
-from .scorenet import Dense, GaussianFourierProjection, ScoreNet
+"""Models: the reference ScoreNet (docs/design.md, the reference model), the scalable score U-Net
+(``UNet``, named configurations in ``UNET_CONFIGS``) and the feature classifier."""
+from .scorenet import Dense, GaussianFourierProjection, ScoreModel, ScoreNet
+from .unet import UNET_CONFIGS, ResBlock, UNet, unet_from_config
 from .classifier import Classifier, ClassifierWeightsError, load_classifier

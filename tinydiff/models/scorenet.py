@@ -15,6 +15,9 @@ tutorial ScoreNet.
 
 Attribute names match the PyTorch tutorial (conv1, dense1.dense, gnorm1, tconv4, tgnorm4,
 embed.0.W, ...), so its state dict loads here unchanged (``{k: v.numpy() for k, v in sd.items()}``).
+
+``ScoreModel`` holds what every score network shares (the labels, times and std(t) handling of
+``forward(x, t, y=None)``); ScoreNet and the U-Net (models/unet.py) both derive from it.
 """
 from __future__ import annotations
 
@@ -82,7 +85,100 @@ def _embed_norm_swish(h, shift, norm):
     return F.group_norm_silu(h, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift)
 
 
-class ScoreNet(nn.Module):
+class ScoreModel(nn.Module):
+    """What every score network here shares: the model(x, t, y=None) contract and its checks.
+
+    A subclass sets ``marginal_std``, ``in_channels``, ``num_classes`` and the modules ``embed``
+    (t -> time features) and, when ``num_classes`` is given, ``label_embed`` (num_classes + 1
+    rows); then ``_times``, ``_time_embedding`` and ``_std`` turn the forward's arguments into
+    the time Tensor, the swished (time + class) embedding, and the std(t) the output is divided
+    by, the same way for every architecture (so every SDE, loss and sampler takes any of them).
+    Error messages name the subclass.
+    """
+
+    @property
+    def null_label(self):
+        """The label index meaning "unconditional" (classifier-free guidance)."""
+        return self.num_classes
+
+    def _time_embedding(self, t, y):
+        """swish(embed(t) + label_embed(y)): the per-sample embedding every block is given."""
+        e = self.embed(t)
+        if self.num_classes is not None:
+            labels = self._labels(y, t.shape[0], t.backend)
+            e = e + self.label_embed(labels)
+        elif y is not None:
+            name = type(self).__name__
+            raise ValueError(f"{name}: labels were given to a model built without num_classes; "
+                             f"build it with {name}(..., num_classes=10)")
+        return F.silu(e)
+
+    def _labels(self, y, n, backend):
+        name = type(self).__name__
+        if y is None:
+            return backend.xp.full((n,), self.null_label, dtype=np.int64)
+        y = y.data if isinstance(y, Tensor) else y
+        if isinstance(y, (int, np.integer)):
+            return backend.xp.full((n,), int(y), dtype=np.int64)
+        if not backend.owns(y):
+            y = backend.asarray(backend_of(y).to_host(y))
+        if tuple(y.shape) != (n,):
+            raise ValueError(f"{name}: labels must have shape ({n},), got {tuple(y.shape)}")
+        kind = np.dtype(y.dtype).kind
+        if kind not in "iuf" or (kind == "f" and not bool(backend.xp.all(y == backend.xp.round(y)))):
+            # astype(int64) would truncate 2.7 to class 2 without a word
+            raise ValueError(f"{name}: labels must be integer class indices, got dtype {y.dtype}"
+                             + (" with fractional values" if kind == "f" else ""))
+        if isinstance(y, np.ndarray) and y.size and (y.min() < 0 or y.max() > self.num_classes):
+            raise ValueError(f"{name}: labels must lie in 0..{self.num_classes} ("
+                             f"{self.num_classes} = no label), got {y.min()}..{y.max()}")
+        return y.astype(np.int64, copy=False)
+
+    def _check_input(self, x):
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected x of shape (N, {self.in_channels}, H, W), "
+                             f"got {x.shape}")
+
+    def _times(self, t, x):
+        """t as a Tensor (N,) on x's backend and in x's dtype (a float or a 0-d t is broadcast)."""
+        name = type(self).__name__
+        n, xp = x.shape[0], x.backend.xp
+        if isinstance(t, Tensor):
+            if t.ndim == 0:
+                t = Tensor(xp.full((n,), t.item(), dtype=x.dtype))
+        elif isinstance(t, (int, float)):
+            t = Tensor(xp.full((n,), float(t), dtype=x.dtype))
+        else:
+            if not x.backend.owns(t):
+                t = x.backend.asarray(backend_of(t).to_host(t))
+            t = Tensor(t.reshape(-1) if t.size == n else t)
+        if t.shape != (n,):
+            raise ValueError(f"{name}: t must have shape ({n},) for a batch of {n}, got {t.shape}")
+        # t <= 0 divides by std(0) = 0, NaN spreads everywhere. Checked where it is free (host
+        # arrays and numbers); on a GPU it would cost a sync per forward pass, as the samplers
+        # and the loss make t themselves from finite host floats in (0, T].
+        if isinstance(t.data, np.ndarray) and not (np.isfinite(t.data).all() and (t.data > 0).all()):
+            bad = t.data[~(np.isfinite(t.data) & (t.data > 0))]
+            raise ValueError(f"{name}: t must be finite and > 0 (a diffusion time in (0, T]), "
+                             f"got {bad[0]!r}")
+        return t if t.dtype == x.dtype else t.astype(x.dtype)
+
+    def _std(self, t, like):
+        """marginal_std(t) as an (N, 1, 1, 1) Tensor in the output's dtype. It is differentiable in
+        t when t requires grad and marginal_std accepts Tensors (as tinydiff.sde's SDEs do)."""
+        if t.requires_grad:
+            s = self.marginal_std(t)
+            if isinstance(s, Tensor):
+                return s.reshape(-1, 1, 1, 1)
+        s = self.marginal_std(t.data)
+        s = s.data if isinstance(s, Tensor) else s
+        xp = like.backend.xp
+        if isinstance(s, (int, float)):
+            s = xp.full((like.shape[0],), s, dtype=like.dtype)
+        return Tensor(s.astype(like.dtype, copy=False).reshape(-1, 1, 1, 1))
+
+
+class ScoreNet(ScoreModel):
     """The time-dependent score model s(x, t) of docs/design.md, the reference model.
 
     Args:
@@ -176,82 +272,6 @@ class ScoreNet(nn.Module):
         """h through the attention block ``name`` when the model has one, else unchanged."""
         block = self._modules.get(name)
         return h if block is None else block(h)
-
-    @property
-    def null_label(self):
-        """The label index meaning "unconditional" (classifier-free guidance)."""
-        return self.num_classes
-
-    def _time_embedding(self, t, y):
-        e = self.embed(t)
-        if self.num_classes is not None:
-            labels = self._labels(y, t.shape[0], t.backend)
-            e = e + self.label_embed(labels)
-        elif y is not None:
-            raise ValueError("ScoreNet: labels were given to a model built without num_classes; "
-                             "build it with ScoreNet(..., num_classes=10)")
-        return F.silu(e)
-
-    def _labels(self, y, n, backend):
-        if y is None:
-            return backend.xp.full((n,), self.null_label, dtype=np.int64)
-        y = y.data if isinstance(y, Tensor) else y
-        if isinstance(y, (int, np.integer)):
-            return backend.xp.full((n,), int(y), dtype=np.int64)
-        if not backend.owns(y):
-            y = backend.asarray(backend_of(y).to_host(y))
-        if tuple(y.shape) != (n,):
-            raise ValueError(f"ScoreNet: labels must have shape ({n},), got {tuple(y.shape)}")
-        kind = np.dtype(y.dtype).kind
-        if kind not in "iuf" or (kind == "f" and not bool(backend.xp.all(y == backend.xp.round(y)))):
-            # astype(int64) would truncate 2.7 to class 2 without a word
-            raise ValueError(f"ScoreNet: labels must be integer class indices, got dtype {y.dtype}"
-                             + (" with fractional values" if kind == "f" else ""))
-        if isinstance(y, np.ndarray) and y.size and (y.min() < 0 or y.max() > self.num_classes):
-            raise ValueError(f"ScoreNet: labels must lie in 0..{self.num_classes} ("
-                             f"{self.num_classes} = no label), got {y.min()}..{y.max()}")
-        return y.astype(np.int64, copy=False)
-
-    def _check_input(self, x):
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ScoreNet: expected x of shape (N, {self.in_channels}, H, W), got {x.shape}")
-
-    def _times(self, t, x):
-        """t as a Tensor (N,) on x's backend and in x's dtype (a float or a 0-d t is broadcast)."""
-        n, xp = x.shape[0], x.backend.xp
-        if isinstance(t, Tensor):
-            if t.ndim == 0:
-                t = Tensor(xp.full((n,), t.item(), dtype=x.dtype))
-        elif isinstance(t, (int, float)):
-            t = Tensor(xp.full((n,), float(t), dtype=x.dtype))
-        else:
-            if not x.backend.owns(t):
-                t = x.backend.asarray(backend_of(t).to_host(t))
-            t = Tensor(t.reshape(-1) if t.size == n else t)
-        if t.shape != (n,):
-            raise ValueError(f"ScoreNet: t must have shape ({n},) for a batch of {n}, got {t.shape}")
-        # t <= 0 divides by std(0) = 0, NaN spreads everywhere. Checked where it is free (host
-        # arrays and numbers); on a GPU it would cost a sync per forward pass, as the samplers
-        # and the loss make t themselves from finite host floats in (0, T].
-        if isinstance(t.data, np.ndarray) and not (np.isfinite(t.data).all() and (t.data > 0).all()):
-            bad = t.data[~(np.isfinite(t.data) & (t.data > 0))]
-            raise ValueError(f"ScoreNet: t must be finite and > 0 (a diffusion time in (0, T]), "
-                             f"got {bad[0]!r}")
-        return t if t.dtype == x.dtype else t.astype(x.dtype)
-
-    def _std(self, t, like):
-        """marginal_std(t) as an (N, 1, 1, 1) Tensor in the output's dtype. It is differentiable in
-        t when t requires grad and marginal_std accepts Tensors (as tinydiff.sde's SDEs do)."""
-        if t.requires_grad:
-            s = self.marginal_std(t)
-            if isinstance(s, Tensor):
-                return s.reshape(-1, 1, 1, 1)
-        s = self.marginal_std(t.data)
-        s = s.data if isinstance(s, Tensor) else s
-        xp = like.backend.xp
-        if isinstance(s, (int, float)):
-            s = xp.full((like.shape[0],), s, dtype=like.dtype)
-        return Tensor(s.astype(like.dtype, copy=False).reshape(-1, 1, 1, 1))
 
     def forward(self, x, t, y=None):
         x = x if isinstance(x, Tensor) else Tensor(x)
