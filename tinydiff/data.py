@@ -421,8 +421,19 @@ def _host_generator(rng):
     return np.random.default_rng(rng)   # an int seed, a sequence of ints, or None
 
 
+def mirror_some(images, which):
+    """A copy of ``images`` (N, ..., W) with the images where ``which`` (N,) is true mirrored
+    left-right (the last axis reversed); the others are unchanged."""
+    which = np.asarray(which, dtype=bool)
+    if which.shape != images.shape[:1]:
+        raise ValueError(f"which has shape {which.shape}, expected ({len(images)},)")
+    out = np.array(images, copy=True)
+    out[which] = out[which][..., ::-1]
+    return out
+
+
 def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=True,
-            drop_last=False, start=0):
+            drop_last=False, start=0, hflip=False):
     """Iterate over ``(x, y)`` batches of a data set, once (one epoch).
 
     Args:
@@ -436,6 +447,10 @@ def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=
         shuffle: draw a random order; False keeps the stored order.
         drop_last: leave out a final batch smaller than batch_size.
         start: skip the first ``start`` batches of this order (resuming in the middle of an epoch).
+        hflip: mirror each image left-right with probability 1/2 (data augmentation, e.g. for
+            CIFAR-10). The coin flips of the whole epoch are drawn from ``rng`` right after the
+            permutation, one per image, so ``start`` resumes with the same flips; the flip is done
+            on the host, on the gathered uint8 batch, before the copy to the backend.
     Yields:
         (x, y): x float32 (B, C, H, W) on the backend, y as described above.
     """
@@ -445,10 +460,16 @@ def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     backend = get_backend(backend)
     n = len(images)
-    order = _host_generator(rng).permutation(n) if shuffle else np.arange(n)
+    gen = _host_generator(rng) if shuffle or hflip else None
+    order = gen.permutation(n) if shuffle else np.arange(n)
+    # drawn after the permutation (hflip=False draws exactly what it always did), for the whole
+    # epoch at once (a resumed epoch, start > 0, draws the same numbers and skips the same ones)
+    flips = gen.random(n) < 0.5 if hflip else None
     for b in range(start, num_batches(n, batch_size, drop_last)):
         idx = order[b * batch_size:(b + 1) * batch_size]
         host = np.asarray(images[idx])
+        if hflip:
+            host = mirror_some(host, flips[b * batch_size:(b + 1) * batch_size])
         if host.ndim == 3:
             host = host[:, None]                      # (B, H, W) -> (B, 1, H, W)
         # move uint8 to the device (a quarter of the bytes of float32) and scale there
