@@ -542,11 +542,12 @@ def _read_folder_cache(path, folder, fingerprint):
     try:
         with np.load(path, allow_pickle=False) as f:
             if int(f["version"]) != _FOLDER_CACHE_VERSION:
-                raise ValueError(f"cache format {int(f['version'])}, expected {_FOLDER_CACHE_VERSION}")
+                raise ValueError(f"cache format {int(f['version'])}, "
+                                 f"expected {_FOLDER_CACHE_VERSION}")
             stored = json.loads(str(f["fingerprint"]))
             if stored != fingerprint:
-                _say(f"{folder} changed since {path} was written ({_what_changed(stored, fingerprint)}); "
-                     "decoding it again")
+                _say(f"{folder} changed since {path} was written "
+                     f"({_what_changed(stored, fingerprint)}); decoding it again")
                 return None
             images, labels = f["images"], f["labels"]
             labelled = bool(f["labelled"])
@@ -563,7 +564,7 @@ def _read_folder_cache(path, folder, fingerprint):
 
 
 def _write_folder_cache(path, images, labels, class_names, fingerprint, skipped):
-    from .checkpoint import atomic_write   # a temporary file renamed over the old: never half a file
+    from .checkpoint import atomic_write   # a temporary file renamed over the old one
 
     arrays = {"version": np.int64(_FOLDER_CACHE_VERSION), "images": images,
               "labels": np.zeros(0, np.int64) if labels is None else labels,
@@ -643,17 +644,20 @@ def load_image_folder(folder, image_size=None, channels=None, on_bad_file="error
     if on_bad_file not in BAD_FILE_POLICIES:
         raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
     image_size = None if image_size is None else int(image_size)
+    channels = None if channels is None else int(channels)
     folder = os.path.abspath(os.path.expanduser(str(folder)))
     files, class_names = scan_image_folder(folder)
-    fingerprint = _fingerprint(folder, files)   # before decoding: a file changed meanwhile
-    cache_path = image_folder_cache_path(folder, image_size, channels)   # rebuilds next time
+    # taken before decoding: a file changed while it is decoded makes the next call rebuild
+    fingerprint = _fingerprint(folder, files)
+    cache_path = image_folder_cache_path(folder, image_size, channels)
     cached = _read_folder_cache(cache_path, folder, fingerprint) if cache else None
     if cached is not None and cached[3] and on_bad_file == "error":
         cached = None   # built skipping bad files: decode again, so the first one is an error
     if cached is not None:
         hwc, labels, class_names, skipped = cached
-        where = f"read from the cache {cache_path}" + (f" ({len(skipped)} unreadable files were skipped "
-                                               "when it was built)" if skipped else "")
+        where = f"read from the cache {cache_path}"
+        if skipped:
+            where += f" ({len(skipped)} unreadable files were skipped when it was built)"
     else:
         start = time.perf_counter()
         hwc, labels, skipped = _decode_folder(folder, files, class_names, image_size, channels,
