@@ -402,8 +402,8 @@ def load_dataset(name, split="train", root=None, limit=None, download=True, verb
     """Any of the above by name, optionally only the first ``limit`` images (for tiny runs).
 
     ``name`` is "mnist", "fashion-mnist", "cifar-10" (or an alias), or ``"folder:PATH"`` for a
-    folder of PNG/JPEG files (see ``load_image_folder``; only ``split="train"``, ``root`` and
-    ``download`` are ignored). ``image_size``, ``channels`` and ``on_bad_file`` are passed to
+    folder of PNG/JPEG files (see ``load_image_folder``; its only split is "train", and ``root``
+    and ``download`` do not apply). ``image_size``, ``channels`` and ``on_bad_file`` are passed to
     ``load_image_folder`` and apply only to folders. Returns ``(images, labels)``: uint8 host
     arrays as the loaders return them; labels None for an unlabelled folder.
     """
