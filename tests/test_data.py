@@ -289,3 +289,90 @@ def test_batches_live_on_the_backend(backend):
     x, _ = next(data.batches(latent, 5, shuffle=False, backend=backend))
     assert backend.owns(x) and x.dtype == np.float32   # float data passes through unscaled
     np.testing.assert_array_equal(backend.to_host(x), latent.astype(np.float32))
+
+
+# -- random horizontal flips (hflip=True) ------------------------------------------------------
+
+def test_hflip_rate_is_one_half():
+    # images whose two columns differ ([0, 1]), so a flipped one ([1, 0]) is told apart. The
+    # number flipped is Binomial(n, 1/2): sd = sqrt(n)/2 = 50 for n = 10000; the tolerance is 5 sd
+    # (rate 0.5 +- 0.025; a false failure has probability ~6e-7 per seed).
+    n = 10000
+    images = np.zeros((n, 1, 1, 2), np.uint8)
+    images[..., 1] = 255
+    tol = 5 * np.sqrt(0.25 / n)
+    for seed in range(3):
+        flipped = np.concatenate([x[:, 0, 0, 0] == 1 for x, _ in
+                                  data.batches(images, 256, rng=seed, hflip=True)])
+        assert len(flipped) == n
+        assert abs(flipped.mean() - 0.5) < tol, (seed, flipped.mean())
+        # one coin per image, not per batch: a batch of 256 has both kinds
+        assert 0 < flipped[:256].sum() < 256
+
+
+def test_hflip_gives_exact_mirrors_with_their_labels(backend):
+    images = np.random.default_rng(0).integers(0, 256, (40, 3, 6, 5), dtype=np.uint8)
+    labels = np.arange(40)
+    kinds = []
+    for x, y in data.batches(images, 16, rng=3, backend=backend, labels=labels, hflip=True):
+        x, y = backend.to_host(x), backend.to_host(y)
+        assert x.shape[1:] == (3, 6, 5) and x.dtype == np.float32
+        for xi, yi in zip(x, y):
+            plain = images[yi].astype(np.float32) / 255
+            mirror = plain[..., ::-1]                 # width, the last axis, reversed
+            assert np.array_equal(xi, plain) != np.array_equal(xi, mirror)   # one, not both
+            kinds.append(np.array_equal(xi, mirror))
+    assert 5 < sum(kinds) < 35
+
+
+def test_hflip_is_seeded_and_resumes_exactly(backend):
+    images = np.random.default_rng(1).integers(0, 256, (50, 1, 4, 4), dtype=np.uint8)
+    labels = np.arange(50)
+    run = lambda seed, start=0, hflip=True: [
+        (backend.to_host(x), backend.to_host(y)) for x, y in data.batches(
+            images, 8, rng=seed, backend=backend, labels=labels, start=start, hflip=hflip)]
+    a, b, c = run(7), run(7), run(8)
+    assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(a, b))
+    assert not all(np.array_equal(p[0], q[0]) for p, q in zip(a, c))
+    tail = run(7, start=3)                            # resuming mid-epoch: same order, same flips
+    assert len(tail) == len(a) - 3
+    assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1])
+               for p, q in zip(tail, a[3:]))
+    plain = run(7, hflip=False)                       # the flips are drawn after the order
+    assert all(np.array_equal(p[1], q[1]) for p, q in zip(a, plain))
+
+
+def test_hflip_false_draws_and_yields_what_it_always_did():
+    images = np.random.default_rng(2).integers(0, 256, (30, 3, 4, 4), dtype=np.uint8)
+    gen, ref = np.random.default_rng(5), np.random.default_rng(5)
+    got = list(data.batches(images, 7, rng=gen, labels=np.arange(30)))
+    order = ref.permutation(30)                       # the one draw batches makes
+    for b, (x, y) in enumerate(got):
+        np.testing.assert_array_equal(y, order[7 * b:7 * (b + 1)])
+        np.testing.assert_array_equal(x, images[y].astype(np.float32) / 255)
+    assert gen.random() == ref.random()               # and nothing more was drawn
+    x, _ = next(data.batches(images, 30, shuffle=False))      # no rng needed without shuffling
+    np.testing.assert_array_equal(x, images / np.float32(255))
+
+
+def test_mirror_some():
+    a = np.arange(12, dtype=np.uint8).reshape(3, 1, 4)
+    out = data.mirror_some(a, [True, False, True])
+    np.testing.assert_array_equal(out, [a[0, :, ::-1], a[1], a[2, :, ::-1]])
+    np.testing.assert_array_equal(a, np.arange(12).reshape(3, 1, 4))   # the input is untouched
+    with pytest.raises(ValueError, match="which has shape"):
+        data.mirror_some(a, [True])
+
+
+@pytest.mark.skipif(data_dir() is None or not os.path.exists(
+    os.path.join(data_dir() or "", "cifar-10", "cifar10.npz")), reason="CIFAR-10 npz not available")
+def test_real_cifar10_batches_with_flips():
+    images, labels = data.load_dataset("cifar-10", "train", root=data_dir(), limit=64, verbose=False)
+    assert images.shape == (64, 3, 32, 32) and images.dtype == np.uint8 and labels.dtype == np.uint8
+    index = np.arange(64)
+    for x, y in data.batches(images, 32, rng=0, labels=index, hflip=True):
+        assert x.shape == (32, 3, 32, 32) and x.dtype == np.float32
+        assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.9
+        for xi, i in zip(x, y):
+            plain = images[i] / np.float32(255)
+            assert np.array_equal(xi, plain) or np.array_equal(xi, plain[..., ::-1])

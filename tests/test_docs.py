@@ -218,6 +218,7 @@ def module_parser(module_name, factory):
 COMMANDS = {
     "python -m tinydiff": (module_parser("tinydiff.cli", "build_parser"), None),
     "examples/train_classifier.py": (script_parser("examples/train_classifier.py"), None),
+    "examples/make_image_folder.py": (script_parser("examples/make_image_folder.py"), None),
     "benchmarks/bench_scorenet.py": (script_parser("benchmarks/bench_scorenet.py", hide=["torch"]),
                                      None),
 }

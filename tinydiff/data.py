@@ -14,15 +14,20 @@ from (or that it was downloaded).
 
 Images come back as uint8 arrays: MNIST and Fashion-MNIST ``(N, 28, 28)``, CIFAR-10
 ``(N, 3, 32, 32)``; labels as uint8 ``(N,)``. ``batches`` turns them into float32 batches in
-[0, 1], shape ``(B, C, H, W)``, on any backend.
+[0, 1], shape ``(B, C, H, W)``, on any backend, optionally mirroring half of them (``hflip``).
+
+``load_image_folder`` (``load_dataset("folder:PATH")``) reads a folder of PNG/JPEG files, flat or
+one sub-folder per class, as uint8 ``(N, C, H, W)``, decoding it once into a cache.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
+import re
 import sys
 import tarfile
 import warnings
@@ -392,16 +397,325 @@ def load_cifar10(split="train", root=None, download=True, verbose=True):
 _LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist, "cifar-10": load_cifar10}
 
 
-def load_dataset(name, split="train", root=None, limit=None, download=True, verbose=True):
-    """Any of the above by name, optionally only the first ``limit`` images (for tiny runs)."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    _dataset(key)
-    images, labels = _LOADERS[key](split, root=root, download=download, verbose=verbose)
+def load_dataset(name, split="train", root=None, limit=None, download=True, verbose=True,
+                 image_size=None, channels=None, on_bad_file="error"):
+    """Any of the above by name, optionally only the first ``limit`` images (for tiny runs).
+
+    ``name`` is "mnist", "fashion-mnist", "cifar-10" (or an alias), or ``"folder:PATH"`` for a
+    folder of PNG/JPEG files (see ``load_image_folder``; its only split is "train", and ``root``
+    and ``download`` do not apply). ``image_size``, ``channels`` and ``on_bad_file`` are passed to
+    ``load_image_folder`` and apply only to folders. Returns ``(images, labels)``: uint8 host
+    arrays as the loaders return them; labels None for an unlabelled folder.
+    """
+    folder = image_folder_path(name)
+    if folder is not None:
+        if split != "train":
+            raise DataError(f"{name}: an image folder is one set of images (split='train'); it "
+                            f"has no {split!r} split")
+        images, labels, _ = load_image_folder(folder, image_size=image_size, channels=channels,
+                                              on_bad_file=on_bad_file, verbose=verbose)
+    else:
+        if (image_size, channels, on_bad_file) != (None, None, "error"):
+            raise ValueError(f"image_size, channels and on_bad_file apply to image folders "
+                             f"(folder:PATH), not to the data set {name!r}")
+        key = _ALIASES.get(name.lower(), name.lower())
+        if key not in DATASETS:
+            raise ValueError(f"unknown data set {name!r}; choose one of {sorted(DATASETS)}, or "
+                             "folder:PATH for a folder of images")
+        images, labels = _LOADERS[key](split, root=root, download=download, verbose=verbose)
     if limit is not None and limit < len(images):
-        images, labels = images[:limit], labels[:limit]
+        images = images[:limit]
+        labels = None if labels is None else labels[:limit]
         if verbose:
             _say(f"using the first {limit} of them")
     return images, labels
+
+
+# -- image folders -----------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")      # matched case-insensitively
+FOLDER_PREFIX = "folder:"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")                          # label 0..9, as cifar10.npz's label_names
+BAD_FILE_POLICIES = ("error", "skip")
+_FOLDER_CACHE_VERSION = 1
+# Pillow modes that hold one grey channel (1-bit, 8-bit, with alpha, 16/32-bit int, float)
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+
+
+def image_folder_path(name):
+    """The absolute folder that a data-set name ``folder:PATH`` names, or None for other names.
+
+    PATH may be relative (to the working directory) and may start with ``~``.
+    """
+    if not isinstance(name, str) or not name.lower().startswith(FOLDER_PREFIX):
+        return None
+    path = name[len(FOLDER_PREFIX):]
+    if not path:
+        raise DataError(f"data set {name!r} names no folder; write folder:PATH")
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def _is_image_file(name):
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+_LOOKED_FOR = "/".join(IMAGE_EXTENSIONS) + " in any letter case"
+
+
+def _preview(names, k=3):
+    shown = ", ".join(names[:k])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "")
+
+
+def scan_image_folder(folder):
+    """The image files of a folder and its layout, without decoding anything.
+
+    Returns ``(files, class_names)``: ``files`` a list of ``(relative path, label)`` in the order
+    the images are loaded (by class, then by path), ``class_names`` the sorted sub-folder names
+    (label i is ``class_names[i]``), or None for a flat folder (labels None). Names starting
+    with "." are ignored, and so are files of other types.
+    """
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise DataError(f"image folder {folder} {what}")
+    entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    subdirs = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+    top = [e for e in entries if e not in subdirs and _is_image_file(e)]
+    if subdirs and top:
+        raise DataError(f"{folder} has both image files ({_preview(top)}) and sub-folders "
+                        f"({_preview([d + '/' for d in subdirs])}); put every image in a class "
+                        "sub-folder (one per class), or none (an unlabelled set)")
+    if not subdirs:
+        if not top:
+            others = [e for e in entries if e not in subdirs]
+            found = f"; it holds {len(others)} other files ({_preview(others)})" if others else ""
+            raise DataError(f"{folder} has no image files (looked for {_LOOKED_FOR}, directly in "
+                            f"it or in one sub-folder per class){found}")
+        return [(e, None) for e in top], None
+    files = []
+    for label, cls in enumerate(subdirs):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, folder).replace(os.sep, "/")
+            found += [f"{rel}/{f}" for f in filenames if _is_image_file(f)]
+        if not found:
+            raise DataError(f"class folder {os.path.join(folder, cls)} has no image files (looked "
+                            f"for {_LOOKED_FOR}); every sub-folder of {folder} is a class: add "
+                            "images to it or remove it")
+        files += [(p, label) for p in sorted(found)]
+    return files, subdirs
+
+
+def _fingerprint(folder, files):
+    """Sorted [relative path, size in bytes, mtime_ns] of the files: what the cache depends on."""
+    out = []
+    for rel, _ in files:
+        st = os.stat(os.path.join(folder, rel))
+        out.append([rel, int(st.st_size), int(st.st_mtime_ns)])
+    return sorted(out)
+
+
+def _what_changed(old, new):
+    old, new = {r: (s, t) for r, s, t in old}, {r: (s, t) for r, s, t in new}
+    added, removed = len(new.keys() - old.keys()), len(old.keys() - new.keys())
+    modified = sum(old[r] != new[r] for r in new.keys() & old.keys())
+    return f"{added} added, {removed} removed, {modified} modified"
+
+
+def image_folder_cache_path(folder, image_size=None, channels=None):
+    """Where ``load_image_folder`` caches a folder: a file in ``cache_dir()/image-folders/`` named
+    by the folder's name and a hash of its absolute path, ``image_size`` and ``channels``."""
+    folder = os.path.abspath(os.path.expanduser(folder))
+    key = json.dumps([_FOLDER_CACHE_VERSION, folder, image_size, channels])
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(folder))[:40].strip("._") or "folder"
+    return os.path.join(cache_dir(), "image-folders", f"{stem}-{digest}.npz")
+
+
+def _read_folder_cache(path, folder, fingerprint):
+    """(images HWC, labels or None, class names or None, skipped files) from a cache whose
+    fingerprint matches, else None (with one line saying why, unless there is no cache)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if int(f["version"]) != _FOLDER_CACHE_VERSION:
+                raise ValueError(f"cache format {int(f['version'])}, "
+                                 f"expected {_FOLDER_CACHE_VERSION}")
+            stored = json.loads(str(f["fingerprint"]))
+            if stored != fingerprint:
+                _say(f"{folder} changed since {path} was written "
+                     f"({_what_changed(stored, fingerprint)}); decoding it again")
+                return None
+            images, labels = f["images"], f["labels"]
+            labelled = bool(f["labelled"])
+            class_names = [str(c) for c in f["class_names"]] if labelled else None
+            skipped = [str(s) for s in json.loads(str(f["skipped"]))]
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or (
+                labelled and labels.shape != images.shape[:1]):
+            raise ValueError(f"images {images.dtype} {images.shape}, labels {labels.shape}")
+    except Exception as e:   # a cache never stops a run: whatever is wrong with it, rebuild it
+        _say(f"the cache {path} is unreadable ({type(e).__name__}: {' '.join(str(e).split())}); "
+             f"decoding {folder} again")
+        return None
+    return images, (labels.astype(np.int64) if labelled else None), class_names, skipped
+
+
+def _write_folder_cache(path, images, labels, class_names, fingerprint, skipped):
+    from .checkpoint import atomic_write   # a temporary file renamed over the old one
+
+    arrays = {"version": np.int64(_FOLDER_CACHE_VERSION), "images": images,
+              "labels": np.zeros(0, np.int64) if labels is None else labels,
+              "labelled": np.bool_(labels is not None),
+              "class_names": np.array(class_names or [], dtype=str),
+              "fingerprint": np.array(json.dumps(fingerprint)),
+              "skipped": np.array(json.dumps(skipped))}
+    try:
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        return True
+    except OSError as e:
+        _say(f"could not write the cache {path} ({e}); the folder will be decoded again next time")
+        return False
+
+
+def _decode_image(path, mode, image_size):
+    """One image as uint8 (H, W) or (H, W, 3): converted to ``mode`` ("L", "RGB", or None: "L" for
+    a grey image, else "RGB"), centre-cropped to a square and resized when ``image_size`` is set."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)   # as a viewer shows it (camera JPEGs' orientation tag)
+        img = img.convert(mode or ("L" if img.mode in _GRAY_MODES else "RGB"))
+    if image_size is not None:
+        w, h = img.size
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))   # nothing outside it leaks in
+        if side != image_size:   # Lanczos when shrinking (it filters out what N x N cannot hold)
+            resample = Image.Resampling.LANCZOS if side > image_size else Image.Resampling.BICUBIC
+            img = img.resize((image_size, image_size), resample)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _decode_errors():
+    import struct
+
+    from PIL import Image
+    return (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, IndexError,
+            Image.DecompressionBombError)
+
+
+def load_image_folder(folder, image_size=None, channels=None, on_bad_file="error", cache=True,
+                      verbose=True):
+    """A folder of PNG/JPEG images as a data set, decoded once and then read from a cache.
+
+    Layout: either every image directly in ``folder`` (unlabelled), or one sub-folder per class
+    (images anywhere below it), the sorted sub-folder names giving labels 0..K-1. Extensions
+    .png, .jpg, .jpeg in any case; names starting with "." and other files are ignored.
+
+    Args:
+        folder: the folder's path.
+        image_size: None keeps the images as they are (all must have the same size, square or
+            not); an int N centre-crops each image to a square and resizes it to N x N (Lanczos
+            when shrinking, bicubic when enlarging, untouched when the square is already N).
+        channels: 3 (RGB), 1 (grey, Pillow's L) or None: 1 when every image is grey, else 3.
+            Alpha is dropped.
+        on_bad_file: "error" stops at a file Pillow cannot read, naming it; "skip" leaves it
+            out with one line each and a count.
+        cache: read and write the cache, a uint8 .npz in ``cache_dir()/image-folders/``; it is
+            rebuilt when a file is added, removed or modified (size or mtime), or the cache
+            itself is unreadable.
+        verbose: print one line saying what was loaded and from where.
+    Returns:
+        ``(images, labels, class_names)``: images uint8 (N, C, H, W), like the other loaders
+        (``batches`` scales them to [0, 1]); labels int64 (N,) and class_names a list of K
+        names, or both None for a flat folder.
+    """
+    import time
+
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(
+            image_size, (int, np.integer)) or image_size < 1):
+        raise ValueError(f"image_size must be an integer >= 1 or None, got {image_size!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None (1 if every image is grey, else 3), "
+                         f"got {channels!r}")
+    if on_bad_file not in BAD_FILE_POLICIES:
+        raise ValueError(f"on_bad_file must be 'error' or 'skip', got {on_bad_file!r}")
+    image_size = None if image_size is None else int(image_size)
+    channels = None if channels is None else int(channels)
+    folder = os.path.abspath(os.path.expanduser(str(folder)))
+    files, class_names = scan_image_folder(folder)
+    # taken before decoding: a file changed while it is decoded makes the next call rebuild
+    fingerprint = _fingerprint(folder, files)
+    cache_path = image_folder_cache_path(folder, image_size, channels)
+    cached = _read_folder_cache(cache_path, folder, fingerprint) if cache else None
+    if cached is not None and cached[3] and on_bad_file == "error":
+        cached = None   # built skipping bad files: decode again, so the first one is an error
+    if cached is not None:
+        hwc, labels, class_names, skipped = cached
+        where = f"read from the cache {cache_path}"
+        if skipped:
+            where += f" ({len(skipped)} unreadable files were skipped when it was built)"
+    else:
+        start = time.perf_counter()
+        hwc, labels, skipped = _decode_folder(folder, files, class_names, image_size, channels,
+                                              on_bad_file)
+        where = f"decoded in {time.perf_counter() - start:.1f} s"
+        if cache and _write_folder_cache(cache_path, hwc, labels, class_names, fingerprint,
+                                         skipped):
+            where += f", cached in {cache_path}"
+    images = np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))   # (N, H, W, C) -> (N, C, H, W)
+    if verbose:
+        n, c, h, w = images.shape
+        kind = (f"{len(class_names)} classes ({_preview(class_names)})" if class_names is not None
+                else "no labels")
+        _say(f"image folder {folder}: {n} images, {c} x {h} x {w}, {kind}; {where}")
+    return images, labels, class_names
+
+
+def _decode_folder(folder, files, class_names, image_size, channels, on_bad_file):
+    """Decode every file: (images uint8 (N, H, W, C), labels int64 or None, skipped paths)."""
+    errors = _decode_errors()
+    mode = {None: None, 1: "L", 3: "RGB"}[channels]
+    arrays, labels, skipped, first = [], [], [], None
+    for rel, label in files:
+        path = os.path.join(folder, rel)
+        try:
+            a = _decode_image(path, mode, image_size)
+        except errors as e:
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            if on_bad_file == "error":
+                raise DataError(f"{path}: cannot read this image ({reason}); replace or delete "
+                                "it, or pass on_bad_file='skip' to leave such files out") from e
+            _say(f"skipping {path}: {reason}")
+            skipped.append(rel)
+            first = first or f"{rel}: {reason}"
+            continue
+        if arrays and a.shape[:2] != arrays[0].shape[:2]:
+            (h0, w0), (h, w) = arrays[0].shape[:2], a.shape[:2]
+            raise DataError(f"{folder}: images have different sizes ({w0}x{h0} in {first_kept}, "
+                            f"{w}x{h} in {rel}); pass --image-size N (image_size=N) to crop and "
+                            "resize them all to N x N")
+        if not arrays:
+            first_kept = rel
+        arrays.append(a)
+        labels.append(label)
+    if not arrays:
+        raise DataError(f"{folder}: none of its {len(files)} image files could be read (the "
+                        f"first: {first})")
+    if skipped:
+        _say(f"{folder}: skipped {len(skipped)} of {len(files)} image files that could not be read")
+        if class_names is not None:
+            present = set(labels)
+            empty = [c for i, c in enumerate(class_names) if i not in present]
+            if empty:
+                _say(f"{folder}: no readable images left in class folder(s) {_preview(empty)}")
+    if channels is None and any(a.ndim == 3 for a in arrays):   # some colour: all RGB (L -> R=G=B)
+        arrays = [a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays]
+    images = np.stack([a if a.ndim == 3 else a[:, :, None] for a in arrays])
+    return images, (None if class_names is None else np.asarray(labels, np.int64)), skipped
 
 
 # -- batches -----------------------------------------------------------------------------------
@@ -421,8 +735,19 @@ def _host_generator(rng):
     return np.random.default_rng(rng)   # an int seed, a sequence of ints, or None
 
 
+def mirror_some(images, which):
+    """A copy of ``images`` (N, ..., W) with the images where ``which`` (N,) is true mirrored
+    left-right (the last axis reversed); the others are unchanged."""
+    which = np.asarray(which, dtype=bool)
+    if which.shape != images.shape[:1]:
+        raise ValueError(f"which has shape {which.shape}, expected ({len(images)},)")
+    out = np.array(images, copy=True)
+    out[which] = out[which][..., ::-1]
+    return out
+
+
 def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=True,
-            drop_last=False, start=0):
+            drop_last=False, start=0, hflip=False):
     """Iterate over ``(x, y)`` batches of a data set, once (one epoch).
 
     Args:
@@ -436,6 +761,10 @@ def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=
         shuffle: draw a random order; False keeps the stored order.
         drop_last: leave out a final batch smaller than batch_size.
         start: skip the first ``start`` batches of this order (resuming in the middle of an epoch).
+        hflip: mirror each image left-right with probability 1/2 (data augmentation, e.g. for
+            CIFAR-10). The coin flips of the whole epoch are drawn from ``rng`` right after the
+            permutation, one per image, so ``start`` resumes with the same flips; the flip is done
+            on the host, on the gathered uint8 batch, before the copy to the backend.
     Yields:
         (x, y): x float32 (B, C, H, W) on the backend, y as described above.
     """
@@ -445,10 +774,16 @@ def batches(images, batch_size, rng=None, backend="numpy", labels=None, shuffle=
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     backend = get_backend(backend)
     n = len(images)
-    order = _host_generator(rng).permutation(n) if shuffle else np.arange(n)
+    gen = _host_generator(rng) if shuffle or hflip else None
+    order = gen.permutation(n) if shuffle else np.arange(n)
+    # drawn after the permutation (hflip=False draws exactly what it always did), for the whole
+    # epoch at once (a resumed epoch, start > 0, draws the same numbers and skips the same ones)
+    flips = gen.random(n) < 0.5 if hflip else None
     for b in range(start, num_batches(n, batch_size, drop_last)):
         idx = order[b * batch_size:(b + 1) * batch_size]
         host = np.asarray(images[idx])
+        if hflip:
+            host = mirror_some(host, flips[b * batch_size:(b + 1) * batch_size])
         if host.ndim == 3:
             host = host[:, None]                      # (B, H, W) -> (B, 1, H, W)
         # move uint8 to the device (a quarter of the bytes of float32) and scale there
