@@ -36,7 +36,7 @@ STEPS_HINT = ("the noise levels of the Karras schedule, each starting one step; 
 
 
 def karras_sigmas(sde, num_steps, rho=7.0, eps=1e-3, sigma_min=None, sigma_max=None):
-    """EDM's noise levels (their eq. 5), a host float64 array of num_steps + 1 values:
+    """EDM's noise levels (Karras et al. 2022, sec. 3), host float64, num_steps + 1 values:
 
         sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho,  i < N,
 
