@@ -36,7 +36,7 @@ STEPS_HINT = ("the noise levels of the Karras schedule, each starting one step; 
 
 
 def karras_sigmas(sde, num_steps, rho=7.0, eps=1e-3, sigma_min=None, sigma_max=None):
-    """EDM's noise levels (their eq. 5), a host float64 array of num_steps + 1 values:
+    """EDM's noise levels (Karras et al. 2022, sec. 3), host float64, num_steps + 1 values:
 
         sigma_i = (smax^(1/rho) + i / (N - 1) (smin^(1/rho) - smax^(1/rho)))^rho,  i < N,
 
@@ -65,7 +65,7 @@ def heun_nfe(num_steps, denoise=True):
     """Score evaluations per sample of ``heun_sampler`` / ``karras_sde_sampler``: two per step,
     except one for the final Euler step to sigma = 0 (2 num_steps - 1), or 2 (num_steps - 1)
     without it."""
-    return 2 * num_steps - 1 if denoise else 2 * (num_steps - 1)
+    return int(2 * num_steps - 1 if denoise else 2 * (num_steps - 1))
 
 
 def _churn(sigmas, num_steps, sde, S_churn, S_tmin, S_tmax):
@@ -148,8 +148,9 @@ def heun_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, rng=None
         rng, backend, progress, dtype: as ``sampling.euler_maruyama`` (no noise is drawn unless
             x_init is None).
         x_init: start from this x at t = T (in the SDE's own variable) instead of a prior draw.
-        callback: ``callback(i, t, x)`` after each step i = 0 .. num_steps - 1 with the time t it
-            reached and the state x there (in the SDE's variable; the last call gets the output).
+        callback: ``callback(i, t, x)`` after each step i (num_steps of them; num_steps - 1
+            without denoise) with the time t it reached and the state x = m(t) x_hat there (in
+            the SDE's variable, so VP frames stay at unit scale); the last call gets the output.
         denoise: True (EDM): the last step is an Euler step from sigma_min to sigma = 0, i.e. the
             denoiser D(x; sigma_min) = x_hat + sigma_min^2 grad log p, and the output is data at
             t = 0; False: stop at t = eps after num_steps - 1 Heun steps.
@@ -175,7 +176,7 @@ def karras_sde_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, S_
     the first step, at sigma(T), adds no noise, and no score is asked beyond t = T).
 
     S_churn = 0 is ``heun_sampler`` bit for bit. The defaults (S_churn 40, S_tmin 0.05,
-    S_tmax 50) are EDM's ImageNet-64 settings (their Table 5) with S_noise = 1 (EDM's 1.003
+    S_tmax 50) are EDM's stochastic-sampling settings for ImageNet-64, with S_noise = 1 (EDM's 1.003
     compensates a learned denoiser's over-smoothing; 1 is exact with an exact score); sigma is
     in the units of x / m(t) (data in [0, 1] here). Other arguments and the return as
     ``heun_sampler``; the same number of score evaluations, 2 num_steps - 1.
