@@ -29,15 +29,41 @@ class Parser(argparse.ArgumentParser):
 
 
 def _attention(value):
-    """'none' or comma-separated feature-map sizes among 26, 12, 5, 2."""
+    """'none' or comma-separated feature-map sizes (the model checks them: 26, 12, 5, 2 for the
+    ScoreNet, its resolutions for a U-Net)."""
     if str(value).strip().lower() in ("none", "off", ""):
         return []
-    sizes = A.positive_int_list(value)
-    bad = [s for s in sizes if s not in (26, 12, 5, 2)]
-    if bad:
-        raise argparse.ArgumentTypeError(f"must be 'none' or sizes among 26,12,5,2 (the ScoreNet's "
-                                         f"feature maps), got {value!r}")
-    return sizes
+    try:
+        return A.positive_int_list(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'none' or feature-map sizes, e.g. 5,2 (ScoreNet) "
+                                         f"or 8 (a 32 px U-Net), got {value!r}") from None
+
+
+def _dataset(value):
+    """A data set name (mnist, fashion-mnist, cifar-10) or folder:PATH of an existing folder."""
+    import os
+    from .data import _ALIASES
+    v = str(value)
+    if v.lower().startswith("folder:"):
+        path = os.path.expanduser(v[len("folder:"):])
+        if not path or not os.path.isdir(path):
+            raise argparse.ArgumentTypeError(f"folder:PATH must name an existing folder of images, "
+                                             f"got {value!r}")
+        return "folder:" + os.path.abspath(path)
+    key = _ALIASES.get(v.lower(), v.lower())
+    if key not in E.IMAGE_SHAPE:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(E.IMAGE_SHAPE)} or "
+                                         f"folder:PATH, got {value!r}")
+    return key
+
+
+def _model(value):
+    from .models.unet import UNET_CONFIGS
+    names = ["scorenet", *UNET_CONFIGS]
+    if value not in names:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(names)}, got {value!r}")
+    return value
 
 
 # -- parsers -----------------------------------------------------------------------------------
@@ -72,7 +98,17 @@ def add_train_arguments(p, preset=None):
     opt("--clip", type=A.positive_float, help="max global gradient norm (default per recipe)")
     opt("--seed", type=A.nonnegative_int, help="seed of the initial weights, data order and noise "
         "(default 0)")
-    opt("--dataset", choices=["mnist", "fashion-mnist"], help="training set (default: the preset's)")
+    opt("--dataset", type=_dataset, help="training set: mnist, fashion-mnist, cifar-10, or "
+        "folder:PATH, a folder of PNG/JPEG files (one sub-folder per class for a conditional run); "
+        "default: the preset's")
+    opt("--image-size", type=A.positive_int, help="folder:PATH only: centre-crop and resize every "
+        "image to N x N (default 32 for the folder presets)")
+    opt("--image-channels", type=int, choices=[1, 3], help="folder:PATH only: 1 (grey) or 3 (RGB); "
+        "default 1 if every image is grey, else 3")
+    opt("--on-bad-file", choices=["error", "skip"], help="folder:PATH only: stop at an unreadable "
+        "image (error, default) or leave it out (skip)")
+    opt("--hflip", type=A.boolean, help="yes/no: mirror training images left-right at random "
+        "(default: yes for cifar10 and the folder presets)")
     opt("--limit", "--subset", dest="limit", type=A.positive_int,
         help="train on the first N images only")
     opt("--conditional", type=A.boolean, help="yes/no: a class-conditional model (default: the "
@@ -90,6 +126,16 @@ def add_train_arguments(p, preset=None):
         "5,2, or none (default: the preset's)")
     opt("--heads", dest="num_heads", type=A.positive_int, help="heads per attention block "
         "(default 4)")
+    opt("--model", type=_model, help="scorenet (the reference model, 28x28 only) or a named "
+        "U-Net: unet-28s, unet-32s (CPU-sized), unet-32l (GPU-sized); default: the preset's")
+    opt("--base-channels", type=A.positive_int, help="U-Net: width of the first level (default: "
+        "the model's)")
+    opt("--channel-mult", type=A.positive_int_list, help="U-Net: width multiplier per level, "
+        "e.g. 1,2,2 (default: the model's)")
+    opt("--res-blocks", dest="num_res_blocks", type=A.positive_int, help="U-Net: residual blocks "
+        "per level (default: the model's)")
+    opt("--dropout", type=A.unit_interval, help="U-Net: dropout before each block's second conv "
+        "(default: the model's)")
     opt("--channels", type=A.positive_int_list, help="the four ScoreNet widths (default "
         "32,64,128,256)")
     opt("--embed-dim", type=A.positive_int, help="time-embedding width, even (default 256)")

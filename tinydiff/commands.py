@@ -51,12 +51,22 @@ def train(args, parser):
     _check_train_config(config)
     backend = get_backend(config["backend"])        # fails early and clearly without a GPU
     sde = E.build_sde(config)
+    images = None
+    if E.is_folder(config) and not args.sample_only and not config.get("image_shape"):
+        # a folder's image shape and classes are known once it is read: read it first
+        images, train_labels = _load_training_set(config, args)
+        config["image_shape"] = list(images.shape[1:])
+        if config["conditional"]:
+            if train_labels is None:
+                raise UsageError(f"{config['dataset']} has no class sub-folders, so a conditional "
+                                 "run has no labels; use --preset folder, or one sub-folder per class")
+            config["num_classes"] = int(train_labels.max()) + 1
     try:
         model = E.build_model(config, backend, sde)
     except ValueError as e:                         # e.g. heads that do not divide the channels
         raise UsageError(str(e)) from None
     labels = E.grid_labels(config)
-    shape = E.IMAGE_SHAPE[config["dataset"]]
+    shape = E.sample_shape(config)
     n = len(labels) if labels is not None else int(config["num_samples"])
     sample_fn = T.make_sample_fn(sde, config["sampler"], int(config["sample_steps"]), (n, *shape),
                                  labels=labels, guidance=float(config["guidance"]),
@@ -66,8 +76,8 @@ def train(args, parser):
         state = T.load_model_weights(os.path.join(out, T.CHECKPOINT), model)
         _say(f"sampling from {out} (epoch {state['epoch']}, step {state['step']})")
     else:
-        images, train_labels = data.load_dataset(config["dataset"], "train", args.data,
-                                                 config["limit"])
+        if images is None:
+            images, train_labels = _load_training_set(config, args)
         if config["show_real"]:
             sample_fn.real = E.real_examples(images, train_labels, labels, n, int(config["seed"]))
         steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
@@ -80,7 +90,8 @@ def train(args, parser):
             out_dir=out, epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
             seed=int(config["seed"]), ema=ema, scheduler=scheduler, clip_grad=config["clip"],
             sample_fn=sample_fn, sample_every=int(config["sample_every"]),
-            on_nonfinite=config["nonfinite"], config=config, progress=not args.no_progress)
+            on_nonfinite=config["nonfinite"], config=config, hflip=bool(config["hflip"]),
+            progress=not args.no_progress)
         try:
             trainer.fit(resume=args.resume)
         except KeyboardInterrupt:
@@ -101,16 +112,29 @@ def train(args, parser):
     return 0
 
 
+def _load_training_set(config, args):
+    from . import data
+    folder = E.is_folder(config)
+    kw = dict(image_size=config["image_size"], channels=config["image_channels"],
+              on_bad_file=config["on_bad_file"]) if folder else {}
+    return data.load_dataset(config["dataset"], "train", args.data, config["limit"], **kw)
+
+
 def _check_train_config(config):
+    if not E.is_folder(config):
+        given = [f"--{k.replace('_', '-')}" for k in ("image_size", "image_channels")
+                 if config.get(k) is not None]
+        if given and config["preset"] not in ("folder", "folder-cond"):
+            raise UsageError(f"{' and '.join(given)} apply to --dataset folder:PATH only; "
+                             f"{config['dataset']} images are {E.IMAGE_SHAPE[config['dataset']]}")
+    if config["model"] != "scorenet":
+        return _check_sampler(config["sampler"], config["sde"], "--sde")
     if len(config["channels"]) != 4:
         raise UsageError(f"--channels needs the four ScoreNet widths, e.g. 32,64,128,256; got "
                          f"{','.join(map(str, config['channels']))}")
     if int(config["embed_dim"]) % 2:
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
     _check_sampler(config["sampler"], config["sde"], "--sde")
-    if config["dataset"] not in E.IMAGE_SHAPE:
-        raise UsageError(f"--dataset {config['dataset']!r} is not trainable with this model; "
-                         f"choose one of {', '.join(E.IMAGE_SHAPE)}")
 
 
 def _check_sampler(sampler, sde_name, where):
@@ -201,11 +225,15 @@ def _save_trajectories(args, run, labels, guidance, nrow):
     base = args.trajectory[:-4]
     TR.save_gif(frames, args.trajectory, times, run.sde)
     TR.save_strip(frames, base + ".png", times, run.sde)
-    test_x, test_y = data.load_dataset(run.config["dataset"], "test", root=args.data, verbose=False)
+    if E.is_folder(run.config):
+        test_x, _ = _load_training_set(run.config, args)
+    else:
+        test_x, _ = data.load_dataset(run.config["dataset"], "test", root=args.data, verbose=False)
     pick = np.random.default_rng(args.seed).choice(len(test_x), size=k, replace=False)
     # the clean images (t = 0) first, then the sampler's times in increasing order
     forward_times = sorted(set([0.0] + [float(t) for t in times]))
-    noised = TR.forward_noising(run.sde, test_x[pick], forward_times, np.random.default_rng(args.seed))
+    noised = TR.forward_noising(run.sde, E.to_unit(test_x[pick]), forward_times,
+                                np.random.default_rng(args.seed))
     TR.save_gif(noised, base + "_forward.gif", forward_times, run.sde)
     TR.save_strip(noised, base + "_forward.png", forward_times, run.sde)
     _say(f"trajectories of {k} images, {len(frames)} frames: {args.trajectory}, {base}.png "
@@ -256,9 +284,23 @@ def evaluate(args, parser):
         raise UsageError("sweep one thing at a time: several --guidance weights, or several "
                          "--sampler / --steps, not both")
     dataset = run.config["dataset"]
-    classifier = load_classifier(dataset, path=args.classifier, backend=backend)
-    train_x, _ = data.load_dataset(dataset, "train", root=args.data, verbose=False)
-    test_x, _ = data.load_dataset(dataset, "test", root=args.data, verbose=False)
+    if E.is_folder(run.config):
+        # no shipped classifier and no test split: the user names a classifier for such images,
+        # and the folder's even / odd images play train / test (the floor compares the two)
+        if not args.classifier:
+            raise UsageError(f"{dataset} has no shipped classifier: pass --classifier FILE.npz "
+                             "(e.g. tinydiff/weights/classifier_cifar_10.npz for 32x32 RGB images, "
+                             "or one trained with examples/train_classifier.py)")
+        if args.bpd:
+            raise UsageError("--bpd needs a test split; an image folder has none")
+        classifier = load_classifier(None, path=args.classifier, backend=backend)
+        folder_x, _ = _load_training_set(run.config, args)
+        train_x, test_x = folder_x[0::2], folder_x[1::2]
+        dataset = os.path.basename(dataset[len("folder:"):]) or dataset
+    else:
+        classifier = load_classifier(dataset, path=args.classifier, backend=backend)
+        train_x, _ = data.load_dataset(dataset, "train", root=args.data, verbose=False)
+        test_x, _ = data.load_dataset(dataset, "test", root=args.data, verbose=False)
     n, seed = args.samples, args.seed
     floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
     sde = {"ve": "VE", "vp": "VP", "subvp": "sub-VP"}.get(run.sde.name, run.sde.name)

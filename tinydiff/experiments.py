@@ -38,28 +38,55 @@ RECIPES = {
                  ema_warmup=True, clip=1.0),
 }
 
-# What to train. Sizes of the attention blocks refer to the ScoreNet's 26/12/5/2 feature maps.
+# The U-Net recipe: the report's CIFAR recipe (AdamW, cosine annealing then a constant rate, its
+# answer to a loss that exploded after ~40 epochs) with warm-up, clipping and the ramped EMA; a
+# lower peak rate than the ScoreNet's, as residual U-Nets are usually trained.
+RECIPES["unet"] = dict(RECIPES["cond"], lr=1e-3, epochs=3)
+
+# What to train. Sizes of the attention blocks refer to the model's feature maps: the ScoreNet's
+# 26/12/5/2, a U-Net's resolutions (28/14/7 for unet-28s, 32/16/8/4 for the 32 px ones).
 PRESETS = {
     "mnist": dict(dataset="mnist", conditional=False, attention=[], recipe="fast",
                   out="runs/mnist_uncond"),
     "mnist-cond": dict(dataset="mnist", conditional=True, attention=[5, 2], recipe="cond",
                        out="runs/mnist_cond"),
-    "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, attention=[], recipe="fast",
-                          out="runs/fashion_uncond"),
-    "fashion-mnist-cond": dict(dataset="fashion-mnist", conditional=True, attention=[5, 2],
-                               recipe="cond", out="runs/fashion_cond"),
+    "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, model="unet-28s",
+                          attention=[7], recipe="unet", show_real=True, out="runs/fashion_uncond"),
+    "fashion-mnist-cond": dict(dataset="fashion-mnist", conditional=True, model="unet-28s",
+                               attention=[7], recipe="unet", show_real=True, out="runs/fashion_cond"),
+    "cifar10": dict(dataset="cifar-10", conditional=False, model="unet-32s", attention=[8],
+                    recipe="unet", hflip=True, show_real=True, per_class=6, out="runs/cifar10_uncond"),
+    "cifar10-cond": dict(dataset="cifar-10", conditional=True, model="unet-32s", attention=[8],
+                         recipe="unet", hflip=True, show_real=True, per_class=6,
+                         out="runs/cifar10_cond"),
+    # your own images: --dataset folder:PATH (one sub-folder per class for folder-cond),
+    # centre-cropped and resized to --image-size
+    "folder": dict(dataset=None, conditional=False, model="unet-32s", attention=[8], recipe="unet",
+                   hflip=True, show_real=True, image_size=32, out="runs/folder"),
+    "folder-cond": dict(dataset=None, conditional=True, model="unet-32s", attention=[8],
+                        recipe="unet", hflip=True, show_real=True, image_size=32, per_class=6,
+                        out="runs/folder_cond"),
 }
 
-# sigma belongs to the VE SDE, beta_min / beta_max to VP and sub-VP (None: that SDE's default)
+# sigma belongs to the VE SDE, beta_min / beta_max to VP and sub-VP (None: that SDE's default);
+# base_channels ... dropout override the named U-Net configuration (None: the configuration's)
 DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, beta_min=None,
-                beta_max=None,
+                beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
+                base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
                 cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop",
-                show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none", sigma_data=0.5)
+                show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none",
+                sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
+                on_bad_file="error", num_classes=None, image_shape=None)
 
-NUM_CLASSES = 10          # every data set tinydiff loads has ten classes
-IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28)}
+NUM_CLASSES = 10          # every data set tinydiff ships a loader for has ten classes
+IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar-10": (3, 32, 32)}
+
+
+def is_folder(config):
+    """Whether the run trains on an image folder (``dataset`` "folder:PATH")."""
+    return str(config.get("dataset") or "").lower().startswith("folder:")
 
 
 def resolve_config(explicit, run_dir=None, default_preset=None):
@@ -73,10 +100,22 @@ def resolve_config(explicit, run_dir=None, default_preset=None):
     recipe = explicit.get("recipe", saved.get("recipe", PRESETS[preset]["recipe"]))
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if saved and "model" not in saved:          # runs from before the U-Net were ScoreNets
+        saved = {**saved, "model": "scorenet"}
     config = {**DEFAULTS, **PRESETS[preset], **RECIPES[recipe], **saved, **explicit,
               "preset": preset, "recipe": recipe}
     for key in ("channels", "attention"):       # older runs stored "32,64,128,256"
         config[key] = _int_list(config[key])
+    if config["dataset"] is None:
+        raise ValueError(f"preset {preset} trains on your own images: pass --dataset folder:PATH "
+                         "(a folder of PNG/JPEG files, one sub-folder per class for a conditional "
+                         "run)")
+    if not is_folder(config):
+        from .data import _ALIASES
+        config["dataset"] = _ALIASES.get(config["dataset"].lower(), config["dataset"].lower())
+        if config["dataset"] not in IMAGE_SHAPE:
+            raise ValueError(f"unknown data set {config['dataset']!r}; choose one of "
+                             f"{', '.join(IMAGE_SHAPE)}, or folder:PATH for a folder of images")
     config.update(_sde_settings(config, explicit))
     if run_dir and _sde_settings(saved, {}) != _sde_settings(config, {}):
         was, now = build_sde(saved), build_sde(config)
@@ -121,17 +160,41 @@ def build_sde(config):
 
 
 def build_model(config, backend="numpy", sde=None):
-    """The ScoreNet the configuration describes (weights drawn from ``config['seed']``)."""
+    """The score model the configuration describes (weights drawn from ``config['seed']``): the
+    reference ScoreNet (``model`` "scorenet") or a named U-Net (tinydiff.models.unet)."""
     from . import nn
     from .models import ScoreNet
+    from .models.unet import unet_from_config
     sde = sde or build_sde(config)
     nn.manual_seed(int(config["seed"]))
-    in_channels = IMAGE_SHAPE.get(config["dataset"], (1,))[0]
-    model = ScoreNet(sde.marginal_std, channels=tuple(config["channels"]),
-                     embed_dim=int(config["embed_dim"]), in_channels=in_channels,
-                     num_classes=NUM_CLASSES if config["conditional"] else None,
-                     attention=tuple(config["attention"]), num_heads=int(config["num_heads"]))
+    in_channels, size, _ = sample_shape(config)
+    num_classes = num_classes_of(config) if config["conditional"] else None
+    if config["model"] == "scorenet":
+        if size != 28:
+            raise ValueError(f"the ScoreNet fits 28x28 images, not {size}x{size}; use --model "
+                             "unet-32s (or another U-Net) for this data set")
+        model = ScoreNet(sde.marginal_std, channels=tuple(config["channels"]),
+                         embed_dim=int(config["embed_dim"]), in_channels=in_channels,
+                         num_classes=num_classes, attention=tuple(config["attention"]),
+                         num_heads=int(config["num_heads"]))
+    else:
+        overrides = {k: config[k] for k in UNET_OVERRIDES if config.get(k) is not None}
+        if "channel_mult" in overrides:
+            overrides["channel_mult"] = tuple(_int_list(overrides["channel_mult"]))
+        model = unet_from_config(config["model"], sde.marginal_std, in_channels=in_channels,
+                                 num_classes=num_classes, image_size=size,
+                                 attention=tuple(config["attention"]),
+                                 num_heads=int(config["num_heads"]), **overrides)
     return model.to(get_backend(backend))
+
+
+UNET_OVERRIDES = ("base_channels", "channel_mult", "num_res_blocks", "dropout")
+
+
+def num_classes_of(config):
+    """Classes of the run's data set: ten for the built-in ones, the class sub-folders' count
+    (stored in the run when it is trained) for an image folder."""
+    return int(config["num_classes"]) if config.get("num_classes") else NUM_CLASSES
 
 
 def build_optimizer(model, config, steps_per_epoch):
@@ -163,13 +226,18 @@ def build_optimizer(model, config, steps_per_epoch):
 
 
 def sample_shape(config):
-    """(C, H, W) of the run's images."""
+    """(C, H, W) of the run's images: the data set's, or an image folder's as stored in the run."""
+    if config.get("image_shape"):
+        return tuple(int(v) for v in config["image_shape"])
+    if is_folder(config):
+        raise ValueError(f"the shape of {config['dataset']}'s images is known once it is read; "
+                         "load the data first (tinydiff train does)")
     return IMAGE_SHAPE[config["dataset"]]
 
 
 def model_title(config):
     """A few words naming the run's model in tables."""
-    return "ScoreNet"
+    return "ScoreNet" if config.get("model", "scorenet") == "scorenet" else f"U-Net {config['model']}"
 
 
 def build_training_noise(config):
@@ -184,7 +252,15 @@ def grid_labels(config):
     one row per class (None for unconditional runs)."""
     if not config["conditional"]:
         return None
-    return np.repeat(np.arange(NUM_CLASSES), int(config["per_class"]))
+    return np.repeat(np.arange(num_classes_of(config)), int(config["per_class"]))
+
+
+def to_unit(images):
+    """Host images as the samplers draw them: float32 (N, C, H, W) in [0, 1] (uint8 / 255; a
+    channel axis added to (N, H, W))."""
+    x = np.asarray(images)
+    x = x.astype(np.float32) / np.float32(255) if x.dtype == np.uint8 else x.astype(np.float32)
+    return x[:, None] if x.ndim == 3 else x
 
 
 def real_examples(images, labels, like_labels=None, n=64, seed=0):
@@ -204,8 +280,7 @@ def real_examples(images, labels, like_labels=None, n=64, seed=0):
                 raise ValueError(f"no training image of class {c} to show beneath the grid")
             idx[where] = rng.choice(pool, size=len(where), replace=len(pool) < len(where))
     real = images[idx]
-    return np.asarray(backend_of(real).to_host(real) if not isinstance(real, np.ndarray) else real,
-                      np.float32)
+    return to_unit(backend_of(real).to_host(real) if not isinstance(real, np.ndarray) else real)
 
 
 # -- trained runs ----------------------------------------------------------------------------

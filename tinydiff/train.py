@@ -454,7 +454,7 @@ class Trainer:
         order = np.random.default_rng(derived_seed(self.seed, _ORDER, e))
         it = _data.batches(self.images, self.batch_size, rng=order, backend=self.backend,
                            labels=self.labels, drop_last=self.drop_last, start=self.batch_in_epoch,
-                           **({"hflip": True} if self.hflip else {}))
+                           hflip=self.hflip)
         bar = tqdm(total=self.batches_per_epoch, initial=self.batch_in_epoch, disable=not self.progress,
                    desc=f"epoch {e + 1}/{self.epochs}", dynamic_ncols=True, leave=True)
         self.model.train()
