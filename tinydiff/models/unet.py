@@ -198,7 +198,7 @@ class UNet(ScoreModel):
             raise ValueError(f"UNet: attention sizes must be among {sizes} (the feature maps of a "
                              f"{self.image_size}x{self.image_size} input), got {bad}")
         widths = [base_channels * m for m in channel_mult]
-        for size, c in list(zip(sizes, widths)) + [(sizes[-1], widths[-1])]:
+        for size, c in zip(sizes, widths):     # the last level's width is the middle's too
             if (size in self.attention or size == sizes[-1]) and c % num_heads:
                 raise ValueError(f"UNet: num_heads={num_heads} must divide the {c} channels of the "
                                  f"attention blocks at {size}x{size}")
@@ -218,7 +218,8 @@ class UNet(ScoreModel):
             return nn.SelfAttention2d(c, num_heads=num_heads, num_groups=num_groups)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        # encoder: remember the width of every map pushed on the skip stack
+        # encoder: the widths of the maps it pushes on the skip stack, because the decoder pops
+        # them in reverse order and each of its blocks takes [h, popped map] as its input
         stack, c, down = [base_channels], base_channels, []
         for i, (size, w) in enumerate(zip(sizes, widths)):
             blocks = []
