@@ -18,6 +18,10 @@ median over repeats of tinydiff time / PyTorch time of one adjacent pair.
     python3 benchmarks/bench_scorenet.py --backend cupy  # on a GPU (torch on CUDA if available)
     python3 benchmarks/bench_scorenet.py --model cond    # the class-conditional ScoreNet with
                                                          # attention, and the attention blocks
+    python3 benchmarks/bench_scorenet.py --model unet-28s --quick   # a named U-Net configuration
+                                                         # (tinydiff.models.UNET_CONFIGS) against
+                                                         # torch_unet; per-op table: one ResBlock
+                                                         # per level
 """
 from __future__ import annotations
 
@@ -52,10 +56,11 @@ import tinydiff as td  # noqa: E402
 from tinydiff import argtypes as A  # noqa: E402
 import tinydiff.nn.functional as F  # noqa: E402
 from tinydiff import nn  # noqa: E402
-from tinydiff.models import ScoreNet  # noqa: E402
+from tinydiff.models import UNET_CONFIGS, ScoreNet, unet_from_config  # noqa: E402
 from tinydiff.optim import Adam  # noqa: E402
 from tinydiff.sde import VESDE, dsm_loss  # noqa: E402
 from tinydiff.testing.torch_reference import torch_scorenet as reference_torch_scorenet  # noqa: E402
+from tinydiff.testing.torch_reference import torch_unet  # noqa: E402
 
 SIGMA = 25.0
 
@@ -72,6 +77,11 @@ COND = dict(num_classes=10, attention=(5, 2), num_heads=4)   # the mnist-cond pr
 
 def torch_scorenet(device, conditional=False):
     return reference_torch_scorenet(torch_marginal_std, device=device, **(COND if conditional else {}))
+
+
+def unet_channels(name):
+    """Image channels of a named U-Net: 1 for the 28x28 (MNIST-sized) ones, 3 for CIFAR-10's."""
+    return 1 if UNET_CONFIGS[name]["image_size"] == 28 else 3
 
 
 def torch_marginal_std(t):
@@ -152,15 +162,24 @@ def print_table(title, rows):
 
 # -- the model steps ---------------------------------------------------------------------------
 
-def build_pair(backend, device, conditional=False):
+def build_pair(backend, device, conditional=False, unet=None):
+    """tinydiff's model and optimizer and PyTorch's with the same weights: the ScoreNet (the
+    conditional one with ``conditional``), or the named U-Net configuration ``unet``."""
     sde = VESDE(SIGMA)
     nn.manual_seed(0)
-    model = ScoreNet(sde.marginal_std, **(COND if conditional else {})).to(backend)
+    if unet:
+        model = unet_from_config(unet, sde.marginal_std, unet_channels(unet)).to(backend)
+    else:
+        model = ScoreNet(sde.marginal_std, **(COND if conditional else {})).to(backend)
     opt = Adam(model.parameters(), lr=1e-4)
     tmodel = topt = None
     if torch is not None:
         torch.manual_seed(0)
-        tmodel = torch_scorenet(device, conditional)
+        if unet:
+            tmodel = torch_unet(torch_marginal_std, in_channels=unet_channels(unet), device=device,
+                                **UNET_CONFIGS[unet])
+        else:
+            tmodel = torch_scorenet(device, conditional)
         sd = model.state_dict()
         tsd = tmodel.state_dict()
         missing = set(tsd) ^ set(sd)
@@ -172,21 +191,31 @@ def build_pair(backend, device, conditional=False):
 
 
 def check_same_output(backend, device, model, tmodel):
-    """The two models compute the same function (guards the comparison itself)."""
+    """The two models compute the same function (guards the comparison itself); in eval mode, so
+    that dropout (the U-Nets' 0.1) draws no masks."""
     rng = np.random.default_rng(0)
-    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    x = rng.random((4,) + image_shape(model), dtype=np.float32)
     t = rng.uniform(0.1, 1.0, 4).astype(np.float32)
     y = np.array([0, 3, 9, 10]) if model.num_classes else None
+    model.eval()
+    tmodel.eval()
     with td.no_grad():
         ours = model(td.Tensor(backend.asarray(x)), backend.asarray(t),
                      None if y is None else backend.asarray(y)).numpy()
     with torch.no_grad():
         args = (torch.tensor(x, device=device), torch.tensor(t, device=device))
         theirs = tmodel(*args, *([] if y is None else [torch.tensor(y, device=device)])).cpu().numpy()
+    model.train()
+    tmodel.train()
     err = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
     if err > 1e-3:
-        raise RuntimeError(f"tinydiff and PyTorch ScoreNets disagree (relative error {err:.2e})")
+        raise RuntimeError(f"tinydiff and PyTorch models disagree (relative error {err:.2e})")
     return err
+
+
+def image_shape(model):
+    """(C, H, W) of the model's inputs: 1x28x28 for the ScoreNets, the configuration's for a U-Net."""
+    return (model.in_channels,) + (getattr(model, "image_size", 28),) * 2
 
 
 def _labels(model, batch):
@@ -199,7 +228,7 @@ def _labels(model, batch):
 
 
 def train_steps(backend, device, batch, sde, model, opt, tmodel, topt):
-    host = np.random.default_rng(1).random((batch, 1, 28, 28), dtype=np.float32)
+    host = np.random.default_rng(1).random((batch,) + image_shape(model), dtype=np.float32)
     x_td = backend.asarray(host)
     rng = backend.default_rng(0)
     y = _labels(model, batch)
@@ -226,7 +255,7 @@ def train_steps(backend, device, batch, sde, model, opt, tmodel, topt):
 
 def sample_steps(backend, device, batch, model, tmodel):
     rng = np.random.default_rng(2)
-    host = (rng.standard_normal((batch, 1, 28, 28)) * 10).astype(np.float32)
+    host = (rng.standard_normal((batch,) + image_shape(model)) * 10).astype(np.float32)
     t_host = np.full(batch, 0.5, np.float32)
     x_td, t_td = td.Tensor(backend.asarray(host)), backend.asarray(t_host)
     y = _labels(model, batch)
@@ -387,6 +416,55 @@ def attention_pairs(backend, device, batch):
     return out
 
 
+def unet_block_pairs(backend, device, batch, model, tmodel):
+    """(name, tinydiff fn, torch fn) for the first ResBlock of each encoder level of the U-Net
+    (the two models' own blocks, so with the same weights), forward + backward, with the
+    embedding input; and the middle attention block."""
+    rng = np.random.default_rng(5)
+    out = []
+    size = model.image_size
+    for i, level in enumerate(model.down):
+        block = level.block[0]
+        x = rng.standard_normal((batch, block.in_ch, size >> i, size >> i)).astype(np.float32)
+        e = rng.standard_normal((batch, model.embed_dim)).astype(np.float32)
+        xt, et = (td.Tensor(channels_last(backend, x), requires_grad=True),
+                  td.Tensor(backend.asarray(e), requires_grad=True))
+        g = channels_last(backend, rng.standard_normal((batch, block.out_ch, size >> i, size >> i))
+                          .astype(np.float32))
+
+        def run_td(block=block, xt=xt, et=et, g=g):
+            xt.grad = et.grad = None
+            block(xt, et).backward(g)
+        run_torch = None
+        if tmodel is not None:
+            tblock = tmodel.down[i].block[0]
+            xT = torch.tensor(x, device=device, requires_grad=True)
+            eT = torch.tensor(e, device=device, requires_grad=True)
+            gT = torch.tensor(backend.to_host(g), device=device).contiguous()
+
+            def run_torch(tblock=tblock, xT=xT, eT=eT, gT=gT):
+                xT.grad = eT.grad = None
+                tblock(xT, eT).backward(gT)
+        out.append((f"ResBlock {block.in_ch}->{block.out_ch} at {size >> i}x{size >> i}", run_td, run_torch))
+    attn = model.mid.attn_1
+    low = size >> (len(model.down) - 1)
+    x = rng.standard_normal((batch, attn.channels, low, low)).astype(np.float32)
+    xt, g = td.Tensor(backend.asarray(x), requires_grad=True), backend.asarray(np.ones_like(x))
+
+    def attn_td(xt=xt, g=g):
+        xt.grad = None
+        attn(xt).backward(g)
+    attn_torch = None
+    if tmodel is not None:
+        xT = torch.tensor(x, device=device, requires_grad=True)
+
+        def attn_torch(xT=xT):
+            xT.grad = None
+            tmodel.mid.attn_1(xT).backward(torch.ones_like(xT))
+    out.append((f"attention {attn.channels} ch {low}x{low}, {attn.num_heads} heads", attn_td, attn_torch))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
@@ -403,10 +481,12 @@ def main(argv=None):
                          "measures a loop's steady state, as training and sampling run")
     ap.add_argument("--quick", action="store_true", help="skip the per-op table and memory")
     ap.add_argument("--ops-only", action="store_true", help="only the per-op table")
-    ap.add_argument("--model", choices=["scorenet", "cond"], default="scorenet",
+    ap.add_argument("--model", choices=["scorenet", "cond"] + list(UNET_CONFIGS), default="scorenet",
                     help="scorenet: the tutorial model (default); cond: the class-conditional "
                          "ScoreNet with attention at 5x5 and 2x2 (preset mnist-cond), and its "
-                         "attention blocks in the per-op table")
+                         "attention blocks in the per-op table; unet-28s, unet-32s, unet-32l: a "
+                         "named U-Net configuration (1x28x28 or 3x32x32 inputs), one ResBlock per "
+                         "level and the middle attention block in the per-op table")
     args = ap.parse_args(argv)
     global GAP_S, INNER
     GAP_S, INNER = args.gap_ms / 1e3, max(1, args.inner)
@@ -426,9 +506,11 @@ def main(argv=None):
         print()
         print(NO_TORCH, file=sys.stderr)
     cond = args.model == "cond"
-    sde, model, opt, tmodel, topt = build_pair(backend, device, cond)
-    print(f"model: {'conditional ScoreNet, attention at 5x5 and 2x2' if cond else 'ScoreNet'}, "
-          f"{model.num_parameters():,} parameters")
+    unet = args.model if args.model in UNET_CONFIGS else None
+    sde, model, opt, tmodel, topt = build_pair(backend, device, cond, unet)
+    what = (f"U-Net {unet}, {'x'.join(map(str, image_shape(model)))} inputs" if unet else
+            "conditional ScoreNet, attention at 5x5 and 2x2" if cond else "ScoreNet")
+    print(f"model: {what}, {model.num_parameters():,} parameters")
     if torch is not None:
         print(f"models agree: max relative difference of the scores {check_same_output(backend, device, model, tmodel):.1e}")
 
@@ -445,7 +527,8 @@ def main(argv=None):
 
     if not args.quick:
         rows = []
-        pairs = attention_pairs(backend, device, 64) if cond else op_pairs(backend, device, 64)
+        pairs = (unet_block_pairs(backend, device, 64, model, tmodel) if unet else
+                 attention_pairs(backend, device, 64) if cond else op_pairs(backend, device, 64))
         for name, a, b in pairs:
             t = interleaved([f for f in (a, b) if f], args.repeats, args.warmup, sync)
             summarise(name, t[0], t[1] if len(t) > 1 else None, rows)

@@ -187,7 +187,8 @@ class UNet(ScoreModel):
         self.embed_dim, self.num_classes, self.num_heads = embed_dim, num_classes, num_heads
         self.factor = 2 ** (len(channel_mult) - 1)         # total downsampling
         if self.image_size < 1:
-            raise ValueError(f"UNet: image_size must be a positive multiple of {self.factor}, got {image_size}")
+            raise ValueError(f"UNet: image_size must be a positive multiple of {self.factor}, "
+                             f"got {image_size}")
         if self.image_size % self.factor:
             raise ValueError(self._size_message(self.image_size))
         sizes = [self.image_size // 2 ** i for i in range(len(channel_mult))]
@@ -197,7 +198,7 @@ class UNet(ScoreModel):
             raise ValueError(f"UNet: attention sizes must be among {sizes} (the feature maps of a "
                              f"{self.image_size}x{self.image_size} input), got {bad}")
         widths = [base_channels * m for m in channel_mult]
-        for size, c in list(zip(sizes, widths)) + [(sizes[-1], widths[-1])]:
+        for size, c in zip(sizes, widths):     # the last level's width is the middle's too
             if (size in self.attention or size == sizes[-1]) and c % num_heads:
                 raise ValueError(f"UNet: num_heads={num_heads} must divide the {c} channels of the "
                                  f"attention blocks at {size}x{size}")
@@ -217,7 +218,8 @@ class UNet(ScoreModel):
             return nn.SelfAttention2d(c, num_heads=num_heads, num_groups=num_groups)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        # encoder: remember the width of every map pushed on the skip stack
+        # encoder: the widths of the maps it pushes on the skip stack, because the decoder pops
+        # them in reverse order and each of its blocks takes [h, popped map] as its input
         stack, c, down = [base_channels], base_channels, []
         for i, (size, w) in enumerate(zip(sizes, widths)):
             blocks = []
@@ -289,13 +291,17 @@ class UNet(ScoreModel):
                 + (f", num_classes={self.num_classes}" if self.num_classes is not None else ""))
 
 
-# Named configurations. The "s" ones are sized for a CPU (a batch-64 training step of about half
-# a second on two threads, docs/models.md has the measurements); "unet-32l" is DDPM's CIFAR-10
-# model (35.7 M parameters there), for a GPU.
+# Named configurations. The "s" ones are sized for a CPU: a batch-64 training step costs about
+# 10-12 steps of the reference ScoreNet (0.6-0.7 s where that one takes its idle two-thread 59 ms;
+# docs/models.md has the measurements). unet-32s keeps the 16x16 level at 32 channels
+# (channel_mult (1, 1, 2, 2)): DDPM's (1, 2, 2, 2) takes 1.35x the time (1.6x the multiply-adds),
+# in the 16x16 convs and in the 64-channel upsampling conv and first decoder block at 32x32.
+# "unet-32l" is DDPM's CIFAR-10 model (35.7 M parameters there, 35.9 M here: a Linear on the
+# Fourier features where DDPM has fixed sinusoids), for a GPU.
 UNET_CONFIGS = {
     "unet-28s": dict(image_size=28, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                      attention=(7,), num_heads=4, dropout=0.0),
-    "unet-32s": dict(image_size=32, base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+    "unet-32s": dict(image_size=32, base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1,
                      attention=(8,), num_heads=4, dropout=0.1),
     "unet-32l": dict(image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                      attention=(16,), num_heads=4, dropout=0.1),
