@@ -92,7 +92,11 @@ class Tensor:
         backend: "numpy", "cupy" or "strict": move the data there (an explicit host->device copy).
     """
 
-    __array_priority__ = 1000   # so that ``ndarray * tensor`` calls Tensor.__rmul__
+    # ``ndarray * tensor`` must call Tensor.__rmul__: NumPy's and the strict stand-in's operators
+    # defer to a type whose __array_ufunc__ is None (CuPy's priority rules already do), instead of
+    # running the ufunc elementwise over an object array of tensors.
+    __array_ufunc__ = None
+    __array_priority__ = 1000
 
     def __init__(self, data, requires_grad=False, dtype=None, backend=None):
         if isinstance(data, Tensor):
