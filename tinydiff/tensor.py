@@ -447,7 +447,16 @@ def _backward(root, grad, retain_graph, accumulate, wanted=()):
             results[i] = g.copy() if results[i] is None else results[i] + g
         if isinstance(node, Tensor):              # a leaf: this path ends here
             if accumulate and node.requires_grad:
-                node.grad = g.copy() if node.grad is None else node.grad + g   # copy: never alias
+                slot = getattr(node, "_grad_view", None)   # a flat parameter's gradient slot
+                if slot is not None and type(slot) is type(g) and slot.dtype == g.dtype \
+                        and (node.grad is None or node.grad is slot):
+                    if node.grad is None:
+                        slot[...] = g                 # the copy, made into the flat buffer
+                    else:
+                        slot += g
+                    node.grad = slot
+                else:
+                    node.grad = g.copy() if node.grad is None else node.grad + g   # never alias
             return
         if useful is not None and node not in useful:
             return
