@@ -82,9 +82,11 @@ def training_counts(trainer, batches, steps):
     for _ in range(2):                                  # optimizer state, EMA buffers, ...
         trainer.train_step(*next_batch(batches, trainer))
     x, y = next_batch(batches, trainer)
-    whole, _ = count(lambda: [trainer.train_step(x, y) for _ in range(steps)])
-    flush = getattr(trainer, "flush_log", None)        # the pending log read, when there is one
-    tail, _ = count(flush) if flush else (None, None)
+
+    def loop_step():                # as Trainer._run_epoch: the deferred log read every N steps
+        if trainer.train_step(x, y) is None and len(trainer._pending) >= trainer.log_every:
+            trainer.flush_log()
+    whole, _ = count(lambda: [loop_step() for _ in range(steps)])
     model, opt = trainer.model, trainer.optimizer
     params = list(model.parameters())
     phases = []
@@ -98,7 +100,8 @@ def training_counts(trainer, batches, steps):
         c, norm = count(lambda: optim.clip_grad_norm_(params, trainer.clip_grad, return_array=True))
         phases.append(("gradient norm + clipping", c))
     else:
-        c, norm = count(lambda: trainer._grad_norm(params))
+        norm_fn = getattr(optim, "grad_norm", None) or trainer._grad_norm   # as train_step does
+        c, norm = count(lambda: norm_fn(params))
         phases.append(("gradient norm", c))
     c, _ = count(opt.step)
     phases.append(("optimizer step", c))
@@ -106,7 +109,7 @@ def training_counts(trainer, batches, steps):
         c, _ = count(trainer.ema.update)
         phases.append(("EMA update", c))
     opt.zero_grad()
-    return whole, tail, phases
+    return whole, phases
 
 
 def next_batch(batches, trainer):
@@ -141,17 +144,17 @@ def report(model_name, batch, steps, kinds, log_every):
     n_params = len(list(trainer.model.parameters()))
     print(f"\n{title}; {trainer.model.num_parameters():,} parameters in {n_params} arrays, batch {batch}")
     c_batch, _ = count(lambda: next(batches))
-    whole, tail, phases = training_counts(trainer, batches, steps)
+    whole, phases = training_counts(trainer, batches, steps)
     print(f"{'':44s} {'launches':>9s} {'syncs':>7s} {'uploads':>8s}")
     for name, c in phases:
         print(f"  {name:42s} {c.launches:9d} {c.syncs:7d} {c.uploads:8d}")
     counted = sum(c.launches for _, c in phases)
     per_step = whole.launches / steps
-    print(f"  {'the rest (finite check, log read, schedule)':42s} {per_step - counted:9.1f}"
+    print(f"  {'the rest (finite check, log read)':42s} {per_step - counted:9.1f}"
           f" {whole.syncs / steps - sum(c.syncs for _, c in phases):7.2f}"
           f" {whole.uploads / steps - sum(c.uploads for _, c in phases):8.1f}")
     le = getattr(trainer, "log_every", 1)
-    print(f"{'training step (Trainer.train_step, mean of ' + str(steps) + ')':44s} {per_step:9.1f}"
+    print(f"{'training step (mean of ' + str(steps) + ')':44s} {per_step:9.1f}"
           f" {whole.syncs / steps:7.2f} {whole.uploads / steps:8.1f}   (log_every={le})")
     print(f"{'data batch (data.batches)':44s} {c_batch.launches:9d} {c_batch.syncs:7d} "
           f"{c_batch.uploads:8d}")
@@ -159,7 +162,7 @@ def report(model_name, batch, steps, kinds, log_every):
     what = "Euler-Maruyama step" + (" (guidance w = 2: one forward of 2N)" if model_name == "cond" else "")
     print(f"{what:44s} {launches:9d} {syncs:7d} {uploads:8d}")
     if kinds:
-        _, _, ph = training_counts(trainer, batches, 1)
+        _, ph = training_counts(trainer, batches, 1)
         for name, c in ph:
             if name.startswith(("forward", "backward", "optimizer")):
                 top = ", ".join(f"{k} {v}" for k, v in c.kinds.most_common(kinds))

@@ -199,3 +199,23 @@ def test_conditional_scorenet_with_a_bad_device_label_gives_nan_for_that_sample(
     assert np.isfinite(good).all()
     np.testing.assert_array_equal(bad[0], good[0])
     assert np.isnan(bad[1]).all()
+
+
+def test_training_with_a_bad_device_label_is_refused(tmp_path):
+    from tinydiff import nn, optim, train
+    from tinydiff.models import ScoreNet
+    from tinydiff.sde import VESDE
+    sde = VESDE(25.0)
+    nn.manual_seed(0)
+    model = ScoreNet(sde.marginal_std, channels=(4, 8, 8, 8), embed_dim=8, num_classes=3).to("strict")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 7, 2])                     # 7: no such class (3 = "no label")
+    t = train.Trainer(model, optim.Adam(model.parameters(), lr=1e-3),
+                      train.score_matching_loss(sde, use_labels=True), images, labels,
+                      out_dir=str(tmp_path), epochs=1, batch_size=4, progress=False, log_every=2)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(train.NonFiniteError, match="loss is nan.*class label out of range"):
+        t.fit()
+    for k, v in model.state_dict().items():             # the bad step was undone on the device
+        np.testing.assert_array_equal(v, before[k])
