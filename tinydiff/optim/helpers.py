@@ -17,6 +17,7 @@ import numpy as np
 
 from ..backend import backend_of
 from ..nn import flat as _flat
+from . import fused as _fused
 
 
 def _host(a):
@@ -79,7 +80,15 @@ def grad_norm(params, _split=None):
 
 
 def _ema_step(s, p, d):
-    """s <- d s + (1 - d) p, as s <- s - (1 - d)(s - p): three in-place ops, one temporary."""
+    """s <- d s + (1 - d) p (one fused kernel when optim/fused.py is switched on)."""
+    if _fused.mode(s) is None:
+        _ema_step_reference(s, p, d)
+    else:
+        _fused.ema(s, p, 1.0 - d, lambda: _ema_step_reference(s, p, d))
+
+
+def _ema_step_reference(s, p, d):
+    """s <- s - (1 - d)(s - p): three in-place ops, one temporary (the fused kernel's reference)."""
     tmp = s - p
     tmp *= 1.0 - d
     s -= tmp

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..backend import backend_of
 from ..nn import flat as _flat
+from . import fused as _fused
 
 
 def _host(a):
@@ -312,6 +313,18 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, g, st, tmp, group):
+        reference = lambda: self._update_reference(p, g, st, tmp, group)   # noqa: E731
+        if _fused.mode(p) is None:
+            return reference()
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        t = st["step"]
+        _fused.adam(p, g, st["exp_avg"], st["exp_avg_sq"], l2=0.0 if self.decoupled else wd,
+                    decay=1 - lr * wd if self.decoupled else 1.0, omb1=1 - b1, omb2=1 - b2, b2=b2,
+                    inv_bc2=1 / math.sqrt(1 - b2 ** t), eps=eps, step_size=lr / (1 - b1 ** t),
+                    reference=reference)
+
+    def _update_reference(self, p, g, st, tmp, group):
+        """The update as plain array ops: the reference of the fused kernel (optim/fused.py)."""
         xp = backend_of(p).xp
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         t = st["step"]
