@@ -86,14 +86,22 @@ class Generator:
     def integers(self, low, high, size):
         return self._gen.integers(low, high, size=size)
 
-    # numpy generators pickle, which is how checkpoints keep the RNG state exactly.
+    # numpy generators pickle, which is how checkpoints keep the RNG state exactly. CuPy's
+    # generators (cuRAND) have no state to read or set: both directions are refused alike. (A
+    # generator that draws on the host for a CuPy backend, train.HostGenerator, has one.)
+    def _on_device(self):
+        return self.backend.name == "cupy" and not isinstance(self._gen, np.random.Generator)
+
     def get_state(self):
-        if self.backend.name == "cupy":
+        if self._on_device():
             raise BackendError("saving the state of a CuPy generator is not supported; "
                                "checkpoints store the host generators instead")
         return self._gen.bit_generator.state
 
     def set_state(self, state):
+        if self._on_device():
+            raise BackendError("restoring the state of a CuPy generator is not supported; "
+                               "checkpoints store the host generators instead")
         self._gen.bit_generator.state = state
 
 

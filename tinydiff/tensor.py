@@ -92,7 +92,11 @@ class Tensor:
         backend: "numpy", "cupy" or "strict": move the data there (an explicit host->device copy).
     """
 
-    __array_priority__ = 1000   # so that ``ndarray * tensor`` calls Tensor.__rmul__
+    # ``ndarray * tensor`` must call Tensor.__rmul__: NumPy's and the strict stand-in's operators
+    # defer to a type whose __array_ufunc__ is None (CuPy's priority rules already do), instead of
+    # running the ufunc elementwise over an object array of tensors.
+    __array_ufunc__ = None
+    __array_priority__ = 1000
 
     def __init__(self, data, requires_grad=False, dtype=None, backend=None):
         if isinstance(data, Tensor):
@@ -443,7 +447,16 @@ def _backward(root, grad, retain_graph, accumulate, wanted=()):
             results[i] = g.copy() if results[i] is None else results[i] + g
         if isinstance(node, Tensor):              # a leaf: this path ends here
             if accumulate and node.requires_grad:
-                node.grad = g.copy() if node.grad is None else node.grad + g   # copy: never alias
+                slot = getattr(node, "_grad_view", None)   # a flat parameter's gradient slot
+                if slot is not None and type(slot) is type(g) and slot.dtype == g.dtype \
+                        and (node.grad is None or node.grad is slot):
+                    if node.grad is None:
+                        slot[...] = g                 # the copy, made into the flat buffer
+                    else:
+                        slot += g
+                    node.grad = slot
+                else:
+                    node.grad = g.copy() if node.grad is None else node.grad + g   # never alias
             return
         if useful is not None and node not in useful:
             return

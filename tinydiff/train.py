@@ -194,14 +194,32 @@ class Trainer:
         drop_last: leave out the last partial batch of each epoch.
         hflip: mirror each training image left-right with probability 1/2 (``data.batches``).
         progress: show a tqdm bar with the running loss.
+        log_every: read the losses and gradient norms back to the host every this many steps
+            (one host sync for all of them; every step is still logged). 1 (the default) reads
+            each step before its update, as always. With N > 1 a step's finiteness is checked on
+            the device: a step with a NaN/Inf loss or norm, and every step after it, leaves the
+            weights, optimizer state and EMA as they were (restored on the device), and the next
+            read stops the run (NonFiniteError naming that step); the in-memory step counts of
+            the optimizer, EMA and schedule have then moved on, so continue from the checkpoint.
+            Needs on_nonfinite="stop" (skipping needs the host to know before the next step).
+        flat_parameters: make the model's parameters views into one flat buffer
+            (``Module.flatten_parameters``) so the optimizer, EMA and clipping run a few
+            whole-buffer ops per step instead of a dozen per parameter array (same results).
     """
 
     def __init__(self, model, optimizer, loss_fn, images, labels=None, *, out_dir, epochs,
                  batch_size, seed=0, ema=None, scheduler=None, clip_grad=None, sample_fn=None,
                  sample_every=1, on_nonfinite="stop", max_consecutive_skips=20, config=None,
-                 drop_last=False, hflip=False, progress=True):
+                 drop_last=False, hflip=False, progress=True, log_every=1, flat_parameters=True):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {on_nonfinite!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, (int, np.integer)) or log_every < 1:
+            raise ValueError(f"Trainer: log_every must be an integer >= 1, got {log_every!r}")
+        if log_every > 1 and on_nonfinite == "skip":
+            raise ValueError("Trainer: on_nonfinite='skip' needs log_every=1 (the host decides "
+                             "before each update whether to skip it); use on_nonfinite='stop' "
+                             "with log_every > 1")
+        self.log_every, self._pending, self._bad = int(log_every), [], None
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                                  ("sample_every", sample_every, 1),
                                  ("max_consecutive_skips", max_consecutive_skips, 0)):
@@ -213,6 +231,8 @@ class Trainer:
                              f"> 0, got {clip_grad!r}")
         if len(images) == 0:
             raise ValueError("no training images")
+        if flat_parameters:
+            model.flatten_parameters()
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.images, self.labels = images, labels
         self.out_dir, self.epochs, self.batch_size = out_dir, int(epochs), int(batch_size)
@@ -351,34 +371,30 @@ class Trainer:
 
     def train_step(self, x, y):
         """Loss, backward, finiteness check, clip, optimizer, EMA, schedule. Returns (loss, norm,
-        skipped) as host floats."""
+        lr, skipped) as host floats; with log_every > 1 it returns None: the step's loss and norm
+        stay on the device until ``flush_log`` reads them with the others."""
+        from .optim import clip_grad_norm_, grad_norm
         params = list(self.model.parameters())
         self.optimizer.zero_grad()
         loss = self.loss_fn(self.model, x, y, self.rng)
         loss.backward()
         if self.clip_grad is not None:
-            from .optim import clip_grad_norm_
             norm = clip_grad_norm_(params, self.clip_grad, return_array=True)
         else:
-            norm = self._grad_norm(params)
+            norm = grad_norm(params)
         xp = backend_of(loss.data).xp
-        pair = xp.stack([loss.data.astype(np.float32).reshape(()),
+        pair = xp.stack([loss.data.astype(np.float32, copy=False).reshape(()),
                          xp.asarray(0.0 if norm is None else norm, dtype=np.float32).reshape(())])
+        if self.log_every > 1:
+            return self._guarded_step(pair)
         loss_value, norm_value = (float(v) for v in backend_of(pair).to_host(pair))   # one sync
         lr = float(self.optimizer.lr)
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            msg = (f"the {what} is {loss_value if what == 'loss' else norm_value} at epoch "
-                   f"{self.epoch + 1}, step {self.step + 1} (lr {lr:.3g})")
             if self.on_nonfinite == "stop" or self.consecutive_skips + 1 > self.max_consecutive_skips:
                 self.optimizer.zero_grad()
-                kept = (f"the last good checkpoint {self.checkpoint_path} is kept unchanged"
-                        if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
                 extra = ("" if self.on_nonfinite == "stop" else
                          f" after {self.consecutive_skips} skipped steps in a row")
-                raise NonFiniteError(f"training stopped: {msg}{extra}; {kept}. Lower the learning "
-                                     "rate, enable gradient clipping, or skip such steps "
-                                     "(on_nonfinite='skip').")
+                raise self._nonfinite(loss_value, norm_value, lr, extra)
             self.optimizer.zero_grad()
             self.skipped += 1
             self.consecutive_skips += 1
@@ -393,6 +409,59 @@ class Trainer:
         self._mutating = False
         self.consecutive_skips = 0
         return loss_value, norm_value, lr, False
+
+    def _nonfinite(self, loss_value, norm_value, lr, extra=""):
+        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+        msg = (f"the {what} is {loss_value if what == 'loss' else norm_value} at epoch "
+               f"{self.epoch + 1}, step {self.step + 1} (lr {lr:.3g})")
+        kept = (f"the last good checkpoint {self.checkpoint_path} is kept unchanged"
+                if os.path.exists(self.checkpoint_path) else "no checkpoint was written")
+        labels = ("; on a GPU a class label out of range gives NaN too"
+                  if getattr(self.model, "num_classes", None) and self.backend.name != "numpy" else "")
+        return NonFiniteError(f"training stopped: {msg}{extra}; {kept}. Lower the learning "
+                              "rate, enable gradient clipping, or skip such steps "
+                              f"(on_nonfinite='skip'){labels}.")
+
+    def _guarded_step(self, pair):
+        """The update of a step whose finiteness only the device knows yet (log_every > 1): it
+        runs, then every array it changed is put back on the device where this step or an
+        earlier one of the pending ones was not finite (no host sync)."""
+        xp = backend_of(pair).xp
+        bad = ~xp.isfinite(pair).all()
+        self._bad = bad if self._bad is None else self._bad | bad    # after a bad step: no more
+        lr = float(self.optimizer.lr)
+        self._mutating = True
+        arrays = self.optimizer.state_arrays() + ([] if self.ema is None else self.ema.arrays())
+        saved = [a.copy() for a in arrays]
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad()
+        for a, old in zip(arrays, saved):
+            xp.copyto(a, old, where=self._bad)
+        self._mutating = False
+        self._pending.append((pair, lr))
+        return None
+
+    def flush_log(self):
+        """The one host read of the pending steps' losses and norms (log_every > 1): records
+        them and returns their rows (loss, norm, lr, skipped); at the first non-finite one it
+        raises NonFiniteError (the steps from there on were not applied)."""
+        if not self._pending:
+            return []
+        pending, self._pending, self._bad = self._pending, [], None
+        pairs = pending[0][0] if len(pending) == 1 else backend_of(pending[0][0]).xp.stack(
+            [p for p, _ in pending])
+        values = np.asarray(backend_of(pairs).to_host(pairs), np.float64).reshape(-1, 2)  # one sync
+        rows = []
+        for (loss_value, norm_value), (_, lr) in zip(values.tolist(), pending):
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise self._nonfinite(loss_value, norm_value, lr)
+            self._record(loss_value, norm_value, lr, False)
+            rows.append((loss_value, norm_value, lr, False))
+        return rows
 
     # -- Ctrl-C --------------------------------------------------------------------------------
     def _on_sigint(self, signum, frame):
@@ -463,27 +532,51 @@ class Trainer:
         running = [sum(v for v, s in done if not s), sum(1 for _, s in done if not s)]
         start = time.perf_counter()
         self._phase = "training"
+
+        def failed():          # a non-finite step: logged as NaN, the logs written, then raise
+            self._record(float("nan"), float("nan"), float(self.optimizer.lr), True)
+            self.epoch_seconds += time.perf_counter() - start
+            self._write_logs()
+
+        def flush():           # the pending steps' one host read (log_every > 1), shown
+            try:
+                rows = self.flush_log()
+            except NonFiniteError:
+                failed()
+                raise
+            for loss, _, lr, _ in rows:
+                running[0] += loss
+                running[1] += 1
+                bar.set_postfix(loss=f"{running[0] / max(running[1], 1):.4g}", lr=f"{lr:.2g}",
+                                refresh=False)
         try:
             for x, y in it:
                 rng_before = self.rng.get_state()
                 try:
-                    loss, norm, lr, skipped = self.train_step(x, y)
+                    out = self.train_step(x, y)
                 except KeyboardInterrupt:
+                    if not self._mutating:
+                        flush()                     # the steps done, before the checkpoint
                     self._interrupted(start, rng_before, bar)
                 except NonFiniteError:
-                    self._record(float("nan"), float("nan"), float(self.optimizer.lr), True)
-                    self.epoch_seconds += time.perf_counter() - start
-                    self._write_logs()
+                    failed()
                     raise
-                self._record(loss, norm, lr, skipped)
-                if not skipped:
-                    running[0] += loss
-                    running[1] += 1
-                bar.set_postfix(loss=f"{running[0] / max(running[1], 1):.4g}", lr=f"{lr:.2g}",
-                                refresh=False)
+                if out is None:                     # deferred: log_every > 1
+                    if len(self._pending) >= self.log_every:
+                        flush()
+                else:
+                    loss, norm, lr, skipped = out
+                    self._record(loss, norm, lr, skipped)
+                    if not skipped:
+                        running[0] += loss
+                        running[1] += 1
+                    bar.set_postfix(loss=f"{running[0] / max(running[1], 1):.4g}", lr=f"{lr:.2g}",
+                                    refresh=False)
                 bar.update(1)
                 if self._stop_requested:
+                    flush()
                     self._interrupted(start, None, bar)
+            flush()                                 # the epoch's last pending steps
         finally:
             bar.close()
             self._phase = "idle"

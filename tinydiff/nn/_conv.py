@@ -4,10 +4,15 @@ Layout. The public API is NCHW, as PyTorch's. Internally both ops work channels-
 the patch matrix ("im2col") has one row per output position and ``(kh, kw, c)`` along the row, so
 that with the input in NHWC memory every patch row is a few contiguous runs of channels, and the
 GEMM result (rows = positions, columns = output channels) *is* an NHWC array. The op returns it as
-an NCHW-shaped view (``out.transpose(0, 3, 1, 2)``), so a chain conv -> elementwise -> conv never
-copies the activations between layouts; NumPy and CuPy ufuncs keep the memory order of their
-inputs. Any input layout is accepted (a plain NCHW array is gathered the same way, just with
-strided reads).
+an NCHW-shaped view (``out.transpose(0, 3, 1, 2)``). The fused ops that follow a conv (group norm
++ swish) write channels-last outputs themselves, and NumPy's ufuncs keep the memory order of their
+inputs, so on the CPU a chain conv -> elementwise -> conv does not copy between layouts. CuPy's
+ufuncs do not: they allocate C-contiguous (here: NCHW) outputs whatever the inputs' order, so on a
+GPU the activations after a plain elementwise op (an attention block's residual, the division by
+std(t)) and the gradients flowing back through one are NCHW in memory. Every op accepts any layout
+(an NCHW array is gathered the same way, with strided reads; ``_nchw_to_rows`` copies it once), so
+this costs a copy, not a wrong result; the strict stand-in allocates C-contiguous outputs as CuPy
+does, so the tests run that path.
 
 Groups. Channels are split as ``c = g * C_g + c_g``; the patch matrix gets a leading group axis,
 ``(G, M, kh * kw * C_g)``, and one batched matmul does every group (G = 1 is the common case).

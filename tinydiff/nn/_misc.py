@@ -177,11 +177,19 @@ class UpsampleNearestFn(Function):
 
 
 class EmbeddingFn(Function):
-    """weight[idx]; the backward scatter-adds rows (an index may repeat)."""
+    """weight[idx]; the backward scatter-adds rows (an index may repeat). With ``check`` (device
+    indices, which CuPy's gather would wrap around silently) the rows of out-of-range indices are
+    NaN: (idx as uint64) >= n catches negative ones too, with no host sync."""
 
-    def forward(self, weight, *, idx):
+    def forward(self, weight, *, idx, check=False):
         self.idx, self.shape = idx, weight.shape
-        return weight[idx]
+        out = weight[idx]
+        if check:
+            xp = backend_of(weight).xp
+            bad = idx.astype(np.uint64) >= weight.shape[0]
+            nan, zero = out.dtype.type(np.nan), out.dtype.type(0)
+            out += xp.where(bad, nan, zero)[..., None]
+        return out
 
     def backward(self, g):
         xp = backend_of(g).xp

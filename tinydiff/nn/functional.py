@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -388,9 +389,19 @@ def upsample(x, size=None, scale_factor=None, mode="nearest"):
     return interpolate(x, size=size, scale_factor=scale_factor, mode=mode)
 
 
+CHECK_DEVICE_INDICES = os.environ.get("TINYDIFF_CHECK_INDICES", "0") == "1"
+
+
 def embedding(idx, weight):
     """Rows of ``weight`` (num_embeddings, dim) picked by the integer indices ``idx`` (any shape):
-    output shape idx.shape + (dim,)."""
+    output shape idx.shape + (dim,).
+
+    Host indices out of range raise IndexError here. Device indices cannot be checked without a
+    host sync, and CuPy's gather wraps an out-of-range index around (a bad label would pick
+    another class's row without a word), so on a device the rows of out-of-range indices come out
+    as NaN instead (2 extra launches and 2 small ones, no sync): the loss is then NaN and the
+    trainer refuses the step. ``TINYDIFF_CHECK_INDICES=1`` (or ``CHECK_DEVICE_INDICES = True``)
+    raises IndexError on a device too, at the cost of one host sync per call."""
     op = "embedding"
     weight = _tensor(weight, op, "weight")
     _check_ndim(weight, 2, op, "weight (num_embeddings, embedding_dim)")
@@ -399,15 +410,24 @@ def embedding(idx, weight):
         idx = np.asarray(idx)
     if idx.dtype.kind not in "iu":
         raise TypeError(f"{op}: indices must be integers, got {idx.dtype}")
-    if isinstance(idx, np.ndarray):   # host indices: checked here (device ones are not, no sync)
+    if isinstance(idx, np.ndarray):   # host indices: checked here, for free
         if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
             raise IndexError(f"{op}: indices must lie in [0, {weight.shape[0]}), got values in "
                              f"[{idx.min()}, {idx.max()}] (weight {weight.shape})")
         idx = weight.backend.asarray(idx)
+        return EmbeddingFn.apply(weight, idx=idx, check=False)
     elif backend_of(idx) is not weight.backend:
         raise ValueError(f"{op}: indices on backend {backend_of(idx).name!r}, weight on "
                          f"{weight.backend.name!r}; move them to the same backend")
-    return EmbeddingFn.apply(weight, idx=idx)
+    check = True                          # device indices: bad ones give NaN rows (no sync)
+    if CHECK_DEVICE_INDICES and idx.size:
+        n = weight.shape[0]
+        if bool((idx.astype(np.uint64) >= n).any()):       # negative ones become huge: one test
+            raise IndexError(f"{op}: indices must lie in [0, {n}), got values in "
+                             f"[{int(idx.min())}, {int(idx.max())}] (weight {weight.shape}; "
+                             "checked on the device because TINYDIFF_CHECK_INDICES=1)")
+        check = False
+    return EmbeddingFn.apply(weight, idx=idx, check=check)
 
 
 # -- attention ---------------------------------------------------------------------------------

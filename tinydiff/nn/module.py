@@ -170,10 +170,28 @@ class Module:
         for p in self.parameters():
             p.grad = None
 
+    def flatten_parameters(self):
+        """Make every parameter a view into one flat buffer per (backend, dtype), and let the
+        backward pass write their gradients into a second one, so that optimizers, the EMA and
+        gradient clipping update all of them with a few whole-buffer ops (``tinydiff.nn.flat``).
+        The values are unchanged; ``to``, ``load_state_dict`` and the EMA keep the views.
+        Returns the FlatGroups (one per backend and dtype)."""
+        from .flat import flatten
+        return flatten(self.parameters())
+
+    def _ensure_flat(self):
+        """After parameter arrays were replaced: put flat parameters back into their buffers."""
+        seen = set()
+        for p in self.parameters():
+            g = getattr(p, "_flat", None)
+            if g is not None and id(g) not in seen:
+                seen.add(id(g))
+                g.ensure()
+
     # -- moving and casting --
     def _apply(self, fn):
         """Replace every parameter's and buffer's array by ``fn(array)``, in place, keeping the
-        Parameter objects (an optimizer holding them keeps working)."""
+        Parameter objects (an optimizer holding them keeps working) and flat buffers flat."""
         for m in self.modules():
             for p in m._parameters.values():
                 if p is not None:
@@ -183,6 +201,7 @@ class Module:
             for name, b in m._buffers.items():
                 if b is not None:
                     m._buffers[name] = fn(b)
+        self._ensure_flat()
         return self
 
     def to(self, backend=None, dtype=None):
@@ -277,6 +296,7 @@ class Module:
                 m._parameters[name].data = value
             else:
                 m._buffers[name] = value
+        self._ensure_flat()          # flat parameters: the values go into their views
         return LoadResult(missing, unexpected)
 
     def save(self, path):

@@ -4,6 +4,14 @@ The step is part of every timed training step, so each update is a handful of in
 operations per parameter with one reused scratch array, never a new array per term. Gradients
 are only read: the autograd engine may hand the same gradient array to two parameters (the
 backward of ``a + b``), so scaling one in place would change the other.
+
+Flat parameters (``Module.flatten_parameters``, ``tinydiff.nn.flat``): when all parameters of a
+flat group are in one param group, have their gradients in the group's gradient buffer and the
+same step count, Adam and AdamW run the same ``_update`` once over the whole buffers (their
+state, ``exp_avg`` and ``exp_avg_sq``, is then flat too, each parameter's state a view into it):
+13 kernel launches instead of 13 per parameter array, and the same bits, since every op is
+elementwise. Anything else (SGD, parameters outside a group, a missing gradient) takes the
+per-parameter path, the reference.
 """
 from __future__ import annotations
 
@@ -12,6 +20,8 @@ import math
 import numpy as np
 
 from ..backend import backend_of
+from ..nn import flat as _flat
+from . import fused as _fused
 
 
 def _host(a):
@@ -57,6 +67,7 @@ class Optimizer:
                     raise ValueError(f"{type(self).__name__}: {k} must be finite, got {v}")
         self.state = {}      # id(param) -> dict of arrays and "step"
         self._scratch = {}   # id(param) -> reused temporary (not saved)
+        self._flat_state = {}   # id(FlatGroup) -> {"group", key: flat array, "views", "tmp"}
 
     @property
     def lr(self):
@@ -93,9 +104,17 @@ class Optimizer:
             tmp = self._scratch[id(p)] = b.xp.empty_like(p.data)
         return st, tmp
 
+    flat_capable = False   # True where all state is in ``state_keys`` (then flat groups apply)
+
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
+            params = group["params"]
+            if self.flat_capable:
+                flat_groups, params = _flat.groups_of(params)
+                for fg in flat_groups:
+                    if not self._flat_step(fg, group):
+                        params = list(params) + list(fg.params)   # mixed step counts: per parameter
+            for p in params:
                 if p.grad is None:
                     continue
                 if p.grad.shape != p.data.shape:
@@ -104,6 +123,69 @@ class Optimizer:
                 st, tmp = self._state_for(p)
                 st["step"] += 1
                 self._update(p.data, p.grad, st, tmp, group)
+
+    def state_arrays(self):
+        """Every device array the next ``step()`` changes, its state made now where missing:
+        the parameters' data and state (flat buffers for flat groups). For a caller that must be
+        able to undo a step (Trainer with log_every > 1); the step counts are host ints."""
+        out = []
+        for group in self.param_groups:
+            params = group["params"]
+            if self.flat_capable:
+                flat_groups, params = _flat.groups_of(params)
+                for fg in flat_groups:
+                    out += [fg.data] + list(self._flat_state_for(fg)["arrays"].values())
+            for p in params:
+                if p.grad is None:
+                    continue
+                st, _ = self._state_for(p)
+                out += [p.data] + [st[k] for k in self.state_keys]
+                if st.get("momentum_buffer") is not None:
+                    out.append(st["momentum_buffer"])
+        return out
+
+    def _flat_step(self, fg, group):
+        """``_update`` once over a flat group's buffers; False (nothing done) when its
+        parameters' step counts differ."""
+        fs = self._flat_state_for(fg)
+        states = [self.state[id(p)] for p in fg.params]
+        steps = {st["step"] for st in states}
+        if len(steps) != 1:
+            return False
+        t = steps.pop() + 1
+        self._update(fg.data, fg.grad, dict(fs["arrays"], step=t), fs["tmp"], group)
+        for st in states:
+            st["step"] = t
+        return True
+
+    def _flat_state_for(self, fg):
+        """The flat state of group ``fg`` (created on first use; rebuilt when the group moved),
+        each parameter's ``state[k]`` a view into it. State arrays that were replaced (loaded,
+        moved, made by the per-parameter path) are copied into their views first."""
+        fs = self._flat_state.get(id(fg))
+        b = fg.backend
+        fresh = fs is None or fs["group"] is not fg or not b.owns(fs["tmp"]) \
+            or fs["tmp"].dtype != fg.dtype
+        if fresh:
+            fs = {"group": fg, "arrays": {}, "views": {},
+                  "tmp": b.xp.empty((fg.size,), dtype=fg.dtype)}
+            for k in self.state_keys:
+                fs["arrays"][k] = b.xp.zeros((fg.size,), dtype=fg.dtype)
+                fs["views"][k] = fg.views_of(fs["arrays"][k])
+            self._flat_state[id(fg)] = fs
+        for i, p in enumerate(fg.params):
+            st = self.state.get(id(p))
+            if st is None:
+                st = self.state[id(p)] = {"step": 0}
+            for k in self.state_keys:
+                view = fs["views"][k][i]
+                if st.get(k) is None:             # no state yet: zeros, as _state_for makes
+                    if not fresh:
+                        view.fill(0)
+                    st[k] = view
+                elif st[k] is not view:
+                    st[k] = _flat.adopt([st[k]], [view])[0]
+        return fs
 
     def _update(self, param, grad, state, tmp, group):
         raise NotImplementedError
@@ -221,6 +303,7 @@ class Adam(Optimizer):
 
     state_keys = ("exp_avg", "exp_avg_sq")
     decoupled = False
+    flat_capable = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         if lr < 0 or eps < 0 or weight_decay < 0:
@@ -230,6 +313,18 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _update(self, p, g, st, tmp, group):
+        reference = lambda: self._update_reference(p, g, st, tmp, group)   # noqa: E731
+        if _fused.mode(p) is None:
+            return reference()
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        t = st["step"]
+        _fused.adam(p, g, st["exp_avg"], st["exp_avg_sq"], l2=0.0 if self.decoupled else wd,
+                    decay=1 - lr * wd if self.decoupled else 1.0, omb1=1 - b1, omb2=1 - b2, b2=b2,
+                    inv_bc2=1 / math.sqrt(1 - b2 ** t), eps=eps, step_size=lr / (1 - b1 ** t),
+                    reference=reference)
+
+    def _update_reference(self, p, g, st, tmp, group):
+        """The update as plain array ops: the reference of the fused kernel (optim/fused.py)."""
         xp = backend_of(p).xp
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         t = st["step"]
