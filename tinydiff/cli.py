@@ -116,11 +116,11 @@ def add_train_arguments(p, preset=None):
     opt("--p-uncond", type=A.unit_interval, help="label dropout of conditional training: the "
         "probability of replacing a label by the 'no label' token (default 0.1)")
     opt("--noise", choices=["uniform", "lognormal"], help="training noise levels: uniform t "
-        "(eq. 5 as written) or lognormal sigma, ln sigma ~ N(--p-mean, --p-std^2) (Karras et al.)")
+        "(eq. 5 of docs/design.md) or lognormal sigma, ln sigma ~ N(--p-mean, --p-std^2) (Karras et al.)")
     opt("--p-mean", type=A.finite_float, help="mean of ln sigma of --noise lognormal")
     opt("--p-std", type=A.positive_float, help="std of ln sigma of --noise lognormal")
     opt("--loss-weight", choices=["none", "edm"], help="per-noise-level loss weight: none "
-        "(eq. 5) or edm, 1 + sigma^2 / sigma_data^2 (Karras et al.'s lambda)")
+        "(eq. 5, docs/design.md) or edm, 1 + sigma^2 / sigma_data^2 (Karras et al.'s lambda)")
     opt("--sigma-data", type=A.positive_float, help="the data's std in --loss-weight edm")
     opt("--attention", type=_attention, help="feature-map sizes with self-attention blocks, e.g. "
         "5,2, or none (default: the preset's)")
@@ -160,6 +160,8 @@ def add_train_arguments(p, preset=None):
     opt("--show-real", type=A.boolean, help="yes/no: draw training images (of the same classes, "
         "for a conditional run) beneath the generated ones in every grid")
     opt("--sample-every", type=A.positive_int, help="draw a sample grid every N epochs (default 1)")
+    opt("--log-every", type=A.positive_int, help="read the loss and gradient norm back to the "
+        "host every N steps (1, default: every step; more: fewer GPU syncs; needs --nonfinite stop)")
     opt("--nonfinite", choices=["stop", "skip"], help="on a NaN/Inf loss or gradient: stop "
         "(default) or skip the step")
     outs = ", ".join(f"{v['out']} for {k}" for k, v in E.PRESETS.items())

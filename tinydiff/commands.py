@@ -91,6 +91,7 @@ def train(args, parser):
             seed=int(config["seed"]), ema=ema, scheduler=scheduler, clip_grad=config["clip"],
             sample_fn=sample_fn, sample_every=int(config["sample_every"]),
             on_nonfinite=config["nonfinite"], config=config, hflip=bool(config["hflip"]),
+            log_every=int(config["log_every"]),
             progress=not args.no_progress)
         try:
             trainer.fit(resume=args.resume)
@@ -128,13 +129,20 @@ def _check_train_config(config):
             raise UsageError(f"{' and '.join(given)} apply to --dataset folder:PATH only; "
                              f"{config['dataset']} images are {E.IMAGE_SHAPE[config['dataset']]}")
     if config["model"] != "scorenet":
-        return _check_sampler(config["sampler"], config["sde"], "--sde")
+        _check_sampler(config["sampler"], config["sde"], "--sde")
+        if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
+            raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its "
+                             "loss on the host before the update")
+        return
     if len(config["channels"]) != 4:
         raise UsageError(f"--channels needs the four ScoreNet widths, e.g. 32,64,128,256; got "
                          f"{','.join(map(str, config['channels']))}")
     if int(config["embed_dim"]) % 2:
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
     _check_sampler(config["sampler"], config["sde"], "--sde")
+    if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
+        raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its loss "
+                         "on the host before the update")
 
 
 def _check_sampler(sampler, sde_name, where):

@@ -75,7 +75,7 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
                 cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
-                guidance=1.0, sample_every=1, limit=None, nonfinite="stop",
+                guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
                 on_bad_file="error", num_classes=None, image_shape=None)
