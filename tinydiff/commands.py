@@ -219,7 +219,7 @@ def sample(args, parser):
 
 def _save_trajectories(args, run, labels, guidance, nrow):
     """--trajectory FILE.gif: the first few images of the same draw followed from noise to data
-    (FILE.gif, FILE.png strip), and as many test images noised along eq. 1 at the same times
+    (FILE.gif, FILE.png strip), and as many test images noised along eq. 1 of docs/design.md at the same times
     (FILE_forward.gif / .png)."""
     from . import data, trajectory as TR
     k = min(args.trajectory_images, len(labels) if labels is not None else args.trajectory_images)
