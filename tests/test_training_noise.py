@@ -137,3 +137,14 @@ def test_real_images_sit_beneath_the_samples_row_for_row(tmp_path):
     assert unconditional.shape == (7, 1, 4, 4)
     with pytest.raises(ValueError, match="channels"):
         plot.save_image_grid(gen, str(tmp_path / "x.png"), real=np.zeros((4, 3, 4, 4)))
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
+    from tinydiff.checkpoint import config_differences
+    old = {"lr": 3e-3, "epochs": 4}                      # written before "noise" existed
+    now = {"lr": 3e-3, "epochs": 4, "noise": "uniform", "per_class": 4}
+    assert config_differences(old, now, defaults=E.DEFAULTS) == []
+    changed = {**now, "noise": "lognormal"}
+    assert config_differences(old, changed, defaults=E.DEFAULTS) == \
+        ["noise: checkpoint 'uniform', now 'lognormal'"]
+    assert config_differences(old, now) == ["noise: checkpoint None, now 'uniform'"]

@@ -20,7 +20,10 @@ CHECKPOINT = "checkpoint.npz"
 FORMAT = "tinydiff-checkpoint-v1"
 # settings that may differ between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "progress", "sampler", "sample_steps",
-                               "num_samples", "backend", "sample_only", "sample_every", "nonfinite"})
+                               "num_samples", "backend", "sample_only", "sample_every", "nonfinite",
+                               # what the grids show and how often the host reads the loss do not
+                               # change the trajectory (log_every > 1 undoes a NaN step on device)
+                               "per_class", "guidance", "show_real", "log_every"})
 
 
 class CheckpointError(RuntimeError):
@@ -214,13 +217,17 @@ def jsonable(config):
     return json.loads(json.dumps(config, default=str)) if config is not None else {}
 
 
-def config_differences(saved, current, allowed=RESUMABLE_CHANGES):
-    """'key: checkpoint X, now Y' for every setting that differs, except those in ``allowed``."""
+def config_differences(saved, current, allowed=RESUMABLE_CHANGES, defaults=None):
+    """'key: checkpoint X, now Y' for every setting that differs, except those in ``allowed``.
+    A key the checkpoint lacks (a setting added after it was written) counts as its value in
+    ``defaults``, so a run from an older tinydiff resumes when the new setting keeps its default."""
     saved, current = jsonable(saved), jsonable(current)
+    defaults = jsonable(defaults or {})
     out = []
     for k in sorted(set(saved) | set(current)):
-        if k not in allowed and saved.get(k) != current.get(k):
-            out.append(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}")
+        was = saved[k] if k in saved else defaults.get(k)
+        if k not in allowed and was != current.get(k):
+            out.append(f"{k}: checkpoint {was!r}, now {current.get(k)!r}")
     return out
 
 

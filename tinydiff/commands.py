@@ -93,6 +93,7 @@ def train(args, parser):
             on_nonfinite=config["nonfinite"], config=config, hflip=bool(config["hflip"]),
             log_every=int(config["log_every"]),
             progress=not args.no_progress)
+        trainer.config_defaults = E.DEFAULTS
         try:
             trainer.fit(resume=args.resume)
         except KeyboardInterrupt:

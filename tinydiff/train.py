@@ -242,6 +242,8 @@ class Trainer:
         self.drop_last, self.progress, self.hflip = drop_last, progress, bool(hflip)
         self.backend = model.backend
         self.config = dict(config or {})
+        # the value a setting missing from an older checkpoint had (set by the command line)
+        self.config_defaults = {}
         # what fixes the trajectory besides the user's config
         self.run_key = {"batch_size": self.batch_size, "seed": self.seed, "drop_last": drop_last,
                         **({"hflip": True} if self.hflip else {}),
@@ -319,7 +321,7 @@ class Trainer:
         """Restore everything from a checkpoint; clear errors when it is from another run."""
         path = path or self.checkpoint_path
         st = load_checkpoint(path)
-        problems = config_differences(st["config"], self.config)
+        problems = config_differences(st["config"], self.config, defaults=self.config_defaults)
         problems += config_differences(st["run_key"], self.run_key, allowed=())
         if problems:
             raise CheckpointError(f"{path} was written by a different run ({'; '.join(problems)}); "
