@@ -121,7 +121,8 @@ def test_evaluate_prints_rows_and_a_guidance_sweep(runs, root, tmp_path, capsys)
 
 
 def test_examples_are_thin_calls_into_the_cli():
-    for name in ("mnist_uncond.py", "mnist_cond.py"):
+    for name in ("mnist_uncond.py", "mnist_cond.py", "fashion_mnist.py", "cifar10.py",
+                 "image_folder.py"):
         text = open(os.path.join(ROOT, "examples", name)).read()
         assert "cli.train_main(" in text and "argparse" not in text and len(text.splitlines()) < 40
 

@@ -211,8 +211,9 @@ def module_parser(module_name, factory):
 # command as named in the docs -> (how to get its parser, and a function of the module returning
 # the defaults to expect where the parser's are argparse.SUPPRESS, or None). One line per command
 # line; subcommands are checked as "COMMAND SUB" (e.g. "python -m tinydiff train"). The scripts
-# that are the shared command line under another name (examples/mnist_uncond.py and
-# mnist_cond.py: `tinydiff train`; benchmarks/quality.py: `tinydiff evaluate`) have no table of
+# that are the shared command line under another name (examples/mnist_uncond.py, mnist_cond.py,
+# fashion_mnist.py, cifar10.py, image_folder.py: `tinydiff train`; benchmarks/quality.py:
+# `tinydiff evaluate`) have no table of
 # their own. train's settings default to SUPPRESS (the preset and recipe decide), so their
 # default cells are free text.
 COMMANDS = {
