@@ -213,6 +213,12 @@ def test_sample_trajectory_writes_animations_and_strips(runs, root, tmp_path):
     assert strip.size == forward.size == (2 * (4 * 30 + 2), 2 * (3 * 30 + 2))
     first_column = np.asarray(forward.convert("L"))[4:60, 4:60]
     assert first_column.std() > 10                 # a real image (strokes), not blank
+    # Euler-Maruyama's last step reports t - dt < 0: the forward frames start at t = 0 anyway
+    assert call("sample", runs["uncond"], "--num-samples", "2", "--steps", "4", "--trajectory",
+                tmp_path / "em.gif", "--frames", "3", "--data", root, "--out", tmp_path / "e.npz",
+                "--no-progress") == 0
+    with Image.open(tmp_path / "em_forward.gif") as im:
+        assert im.n_frames == 3      # the last frame's time is clamped to t = 0: the clean images
 
 
 def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):

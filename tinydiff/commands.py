@@ -240,7 +240,8 @@ def _save_trajectories(args, run, labels, guidance, nrow):
         test_x, _ = data.load_dataset(run.config["dataset"], "test", root=args.data, verbose=False)
     pick = np.random.default_rng(args.seed).choice(len(test_x), size=k, replace=False)
     # the clean images (t = 0) first, then the sampler's times in increasing order
-    forward_times = sorted(set([0.0] + [float(t) for t in times]))
+    # (EM and PC report t - dt after their last step, a hair below 0)
+    forward_times = sorted(set([0.0] + [max(0.0, float(t)) for t in times]))
     noised = TR.forward_noising(run.sde, E.to_unit(test_x[pick]), forward_times,
                                 np.random.default_rng(args.seed))
     TR.save_gif(noised, base + "_forward.gif", forward_times, run.sde)
