@@ -145,3 +145,20 @@ def test_not_an_autoencoder_and_sampling_an_autoencoder_are_refused(runs, tmp_pa
     _one_line_error(capsys.readouterr().err, "is not an autoencoder")
     assert call("sample", ae, "--no-progress") == 2
     _one_line_error(capsys.readouterr().err, "is an autoencoder run")
+
+
+@needs_data
+def test_the_example_trains_both_runs_and_draws_trousers(tmp_path, monkeypatch):
+    import importlib.util
+    import os
+    monkeypatch.setenv("TINYDIFF_DATA", data_dir())
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "fashion_latent.py")
+    spec = importlib.util.spec_from_file_location("fashion_latent", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--root", str(tmp_path), *LATENT_TINY]) == 0
+    with np.load(tmp_path / "fashion_latent_cond" / "trousers.npz") as f:
+        assert f["images"].shape == (8, 1, 28, 28) and set(f["labels"].tolist()) == {1}
+    with np.load(tmp_path / "fashion_latent_cond" / "per_class.npz") as f:
+        assert f["images"].shape == (80, 1, 28, 28)
