@@ -127,7 +127,8 @@ def add_train_arguments(p, preset=None):
     opt("--heads", dest="num_heads", type=A.positive_int, help="heads per attention block "
         "(default 4)")
     opt("--model", type=_model, help="scorenet (the reference model, 28x28 only) or a named "
-        "U-Net: unet-28s, unet-32s (CPU-sized), unet-32l (GPU-sized); default: the preset's")
+        "U-Net: unet-28s, unet-32s (CPU-sized), unet-32l (GPU-sized), unet-latent (7x7 codes); "
+        "default: the preset's")
     opt("--base-channels", type=A.positive_int, help="U-Net: width of the first level (default: "
         "the model's)")
     opt("--channel-mult", type=A.positive_int_list, help="U-Net: width multiplier per level, "
