@@ -125,6 +125,32 @@ def test_another_code_shape_is_refused(runs, capsys):
     _one_line_error(capsys.readouterr().err, "4x7x7 codes")
 
 
+@needs_data
+def test_a_retrained_autoencoder_is_refused(runs, capsys):
+    """An autoencoder trained further under a latent run: resuming and sampling refuse it (its
+    checkpoint's hash changed), before any code is encoded again."""
+    from tinydiff.checkpoint import load_checkpoint, save_checkpoint
+    root, ae, _ = runs
+    retrained = root / "ae_retrained"
+    shutil.copytree(ae, retrained)
+    assert call("train", "--out", retrained, "--resume", "--epochs", "2", "--data", data_dir(),
+                "--no-progress") == 0
+    again = root / "lat_again"
+    assert call("train", "--preset", "fashion-latent-cond", "--autoencoder", ae, "--out", again,
+                "--data", data_dir(), *LATENT_TINY) == 0
+    state = load_checkpoint(str(again / "checkpoint.npz"))
+    state["config"] = {**state["config"], "autoencoder": str(retrained)}
+    save_checkpoint(str(again / "checkpoint.npz"), state)
+    codes = (again / "latents.npz").read_bytes()
+    capsys.readouterr()
+    assert call("train", "--out", again, "--resume", "--epochs", "2", "--data", data_dir(),
+                "--no-progress") == 2
+    _one_line_error(capsys.readouterr().err, "retrained?")
+    assert (again / "latents.npz").read_bytes() == codes
+    assert call("sample", again, "--num-samples", "2", "--steps", "2", "--no-progress") == 1
+    _one_line_error(capsys.readouterr().err, "retrained?")
+
+
 @pytest.mark.parametrize("argv, name", [
     (["--preset", "fashion-latent-cond"], "--autoencoder RUN_DIR"),
     (["--preset", "fashion-mnist", "--autoencoder", "."], "--autoencoder applies"),

@@ -221,11 +221,16 @@ def _latent_setup(config, out, backend):
     if tuple(E.IMAGE_SHAPE[config["dataset"]]) != want:
         raise UsageError(f"--autoencoder {config['autoencoder']} encodes {'x'.join(map(str, want))} "
                          f"images, not {config['dataset']}'s")
-    if config.get("image_shape"):    # resuming: the codes must keep their shape
+    if config.get("image_shape"):    # resuming: the codes must keep their shape and weights
         try:
             E.check_latent_shape(config, autoencoder, out)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if config.get("autoencoder_hash") and config["autoencoder_hash"] != digest:
+            raise UsageError(f"{out} was trained on the codes of autoencoder checkpoint "
+                             f"{config['autoencoder_hash']}, but {config['autoencoder']} now holds "
+                             f"{digest} (retrained?); continue with that autoencoder's checkpoint, "
+                             "or train a new latent run")
     config["image_shape"] = list(autoencoder.latent_shape)
     config["autoencoder_hash"] = digest
     return autoencoder
