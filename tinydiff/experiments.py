@@ -214,8 +214,7 @@ def build_autoencoder(config):
     """The Autoencoder (tinydiff.models.autoencoder) of an autoencoder run's configuration, on
     the host; ``base_channels`` None is the model's 32."""
     from .models.autoencoder import Autoencoder
-    c, size, _ = IMAGE_SHAPE[config["dataset"]] if not config.get("image_shape") else \
-        sample_shape(config)
+    c, size, _ = sample_shape(config)
     kw = {"base_channels": int(config["base_channels"])} if config.get("base_channels") else {}
     return Autoencoder(in_channels=c, image_size=size, latent_channels=int(config["latent_channels"]),
                        corruption=config["corruption"], corruption_level=config["corruption_level"],
