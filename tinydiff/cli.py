@@ -127,7 +127,8 @@ def add_train_arguments(p, preset=None):
     opt("--heads", dest="num_heads", type=A.positive_int, help="heads per attention block "
         "(default 4)")
     opt("--model", type=_model, help="scorenet (the reference model, 28x28 only) or a named "
-        "U-Net: unet-28s, unet-32s (CPU-sized), unet-32l (GPU-sized); default: the preset's")
+        "U-Net: unet-28s, unet-32s (CPU-sized), unet-32l (GPU-sized), unet-latent (7x7 codes); "
+        "default: the preset's")
     opt("--base-channels", type=A.positive_int, help="U-Net: width of the first level (default: "
         "the model's)")
     opt("--channel-mult", type=A.positive_int_list, help="U-Net: width multiplier per level, "
@@ -136,6 +137,20 @@ def add_train_arguments(p, preset=None):
         "per level (default: the model's)")
     opt("--dropout", type=A.unit_interval, help="U-Net: dropout before each block's second conv "
         "(default: the model's)")
+    opt("--autoencoder", type=A.existing_dir, help="latent presets (fashion-latent-cond): the "
+        "autoencoder run (of --preset fashion-ae) whose codes the model learns; its codes are "
+        "encoded once into OUT/latents.npz")
+    opt("--latent-channels", type=A.positive_int, help="autoencoder: channels of the code "
+        "(default 2: 2x7x7 codes of 28x28 images, 8x fewer numbers)")
+    opt("--corruption", choices=["none", "noise", "blur", "mask"], help="autoencoder: corrupt "
+        "the input in training, the target stays clean (noise, blur, masked 4x4 blocks; default "
+        "none)")
+    opt("--corruption-level", type=A.nonnegative_float, help="autoencoder: noise std (0.2), blur "
+        "std in pixels (1) or masked fraction (0.25); default in brackets")
+    opt("--latent-noise", type=A.nonnegative_float, help="autoencoder: std of noise added to the "
+        "code before decoding in training (default 0)")
+    opt("--kl-weight", type=A.nonnegative_float, help="autoencoder: weight of 0.5 mean(z^2), a KL "
+        "term against N(0, I) (default 0)")
     opt("--channels", type=A.positive_int_list, help="the four ScoreNet widths (default "
         "32,64,128,256)")
     opt("--embed-dim", type=A.positive_int, help="time-embedding width, even (default 256)")

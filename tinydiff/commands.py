@@ -49,7 +49,13 @@ def train(args, parser):
         raise UsageError(str(e)) from None
     config["out"] = out
     _check_train_config(config)
+    if config.get("autoencoder") and not config["latent"]:
+        raise UsageError(f"--autoencoder applies to the latent presets (fashion-latent-cond), not "
+                         f"to --preset {config['preset']}")
     backend = get_backend(config["backend"])        # fails early and clearly without a GPU
+    if config["model"] == "autoencoder":
+        return _train_autoencoder(args, config, out, backend)
+    autoencoder = _latent_setup(config, out, backend) if config["latent"] else None
     sde = E.build_sde(config)
     images = None
     if E.is_folder(config) and not args.sample_only and not config.get("image_shape"):
@@ -71,6 +77,8 @@ def train(args, parser):
     sample_fn = T.make_sample_fn(sde, config["sampler"], int(config["sample_steps"]), (n, *shape),
                                  labels=labels, guidance=float(config["guidance"]),
                                  nrow=int(config["per_class"]) if labels is not None else None)
+    if autoencoder is not None:      # a latent run's grids and samples are decoded images
+        sample_fn = _decoding(sample_fn, autoencoder)
     ema = None
     if args.sample_only:   # the EMA weights when the run kept them
         state = T.load_model_weights(os.path.join(out, T.CHECKPOINT), model)
@@ -78,8 +86,11 @@ def train(args, parser):
     else:
         if images is None:
             images, train_labels = _load_training_set(config, args)
+        pixels = images
+        if autoencoder is not None:  # the training data are the codes, encoded once per run
+            images = _cached_latents(out, autoencoder, config, pixels, train_labels)
         if config["show_real"]:
-            sample_fn.real = E.real_examples(images, train_labels, labels, n, int(config["seed"]))
+            sample_fn.real = E.real_examples(pixels, train_labels, labels, n, int(config["seed"]))
         steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
         opt, scheduler, ema = E.build_optimizer(model, config, steps_per_epoch)
         loss = T.score_matching_loss(sde, use_labels=bool(config["conditional"]),
@@ -112,6 +123,142 @@ def train(args, parser):
             model.train()
         print(f"test bits/dim ({n} images): {mean:.3f} +- {err:.3f}")
     return 0
+
+
+# -- latent diffusion: the autoencoder's run, and a latent run's codes ------------------------------
+
+def _train_autoencoder(args, config, out, backend):
+    """An autoencoder run (--preset fashion-ae): the shared Trainer on the reconstruction loss;
+    after every epoch a grid of reconstructions above their originals; at the end the latent scale
+    is measured on the training set and saved with the weights, and encoded.png shows codes."""
+    from . import data, train as T
+    from .models.autoencoder import autoencoder_loss, decode_all, encode_all
+    if config["conditional"]:
+        raise UsageError("an autoencoder takes no labels: drop --conditional")
+    try:
+        model = E.build_model(config, backend)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    images, _ = _load_training_set(config, args)
+    originals = E.real_examples(images, None, None, 16, int(config["seed"]))
+
+    def sample_fn(m, seed):          # "samples" of an autoencoder: reconstructions
+        return decode_all(m, encode_all(m, originals, normalised=False), normalised=False)
+    sample_fn.nrow, sample_fn.real, sample_fn.labels = 8, originals, None
+    path = os.path.join(out, T.CHECKPOINT)
+    if args.sample_only:
+        state = T.load_model_weights(path, model)
+        _say(f"reconstructing with {out} (epoch {state['epoch']}, step {state['step']})")
+    else:
+        steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
+        opt, scheduler, ema = E.build_optimizer(model, config, steps_per_epoch)
+        trainer = T.Trainer(
+            model, opt, autoencoder_loss(), images, None, out_dir=out, epochs=int(config["epochs"]),
+            batch_size=int(config["batch_size"]), seed=int(config["seed"]), ema=ema,
+            scheduler=scheduler, clip_grad=config["clip"], sample_fn=sample_fn,
+            sample_every=int(config["sample_every"]), on_nonfinite=config["nonfinite"],
+            config=config, hflip=bool(config["hflip"]), log_every=int(config["log_every"]),
+            progress=not args.no_progress)
+        trainer.config_defaults = E.DEFAULTS
+        try:
+            trainer.fit(resume=args.resume)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"continue with --resume --out {out}") from None
+        with (ema.average_parameters(model) if ema else contextlib.nullcontext()):
+            scale = model.measure_latent_scale(images)
+        trainer.save()               # the weights with their latent scale
+        model = E.load_autoencoder(out, backend)[0]
+    _autoencoder_pictures(model, originals, out)
+    test_x, _ = data.load_dataset(config["dataset"], "test", args.data, limit=256, verbose=False)
+    recon = decode_all(model, encode_all(model, test_x))
+    mse = float(np.mean((recon - E.to_unit(test_x)) ** 2))
+    _say(f"autoencoder: {'x'.join(map(str, model.latent_shape))} codes, "
+         f"{model.compression:g}x compression, latent scale {float(model.latent_scale):.4g}; "
+         f"{len(test_x)} test images: MSE {mse:.5f}, PSNR {10 * np.log10(1 / mse):.2f} dB; "
+         f"{os.path.join(out, 'encoded.png')}")
+    return 0
+
+
+def _autoencoder_pictures(model, originals, out):
+    """encoded.png: per column an image, its code's channels (7x7, shown as 28x28 blocks, the
+    normalised values -3..3 as black..white) and its reconstruction (the report's Fig. 19-20)."""
+    from . import plot
+    from .models.autoencoder import decode_all, encode_all
+    x = originals[:8]
+    z = encode_all(model, x)
+    recon = decode_all(model, z)
+    k = x.shape[2] // z.shape[2]
+    rows = [x]
+    for c in range(z.shape[1]):
+        code = np.clip(z[:, c:c + 1] / 6 + 0.5, 0, 1).repeat(k, axis=2).repeat(k, axis=3)
+        rows.append(np.broadcast_to(code, x.shape) if x.shape[1] != 1 else code)
+    rows.append(recon)
+    plot.save_image_grid(np.concatenate(rows).astype(np.float32), os.path.join(out, "encoded.png"),
+                         nrow=len(x))
+
+
+def _decoding(sample_fn, autoencoder):
+    """sample_fn drawing codes -> the same, returning decoded images (its grid attributes kept)."""
+    from .models.autoencoder import decode_all
+
+    def decoded(model, seed):
+        return decode_all(autoencoder, sample_fn(model, seed))
+    decoded.nrow, decoded.real, decoded.labels = sample_fn.nrow, sample_fn.real, sample_fn.labels
+    return decoded
+
+
+def _latent_setup(config, out, backend):
+    """A latent run's autoencoder, checked; sets the run's image_shape to its code shape."""
+    if not config.get("autoencoder"):
+        raise UsageError(f"--preset {config['preset']} trains on an autoencoder's codes: pass "
+                         "--autoencoder RUN_DIR (a run of --preset fashion-ae)")
+    config["autoencoder"] = os.path.abspath(config["autoencoder"])
+    try:
+        autoencoder, digest = E.load_autoencoder(config["autoencoder"], backend)
+    except E.CheckpointError as e:
+        raise UsageError(f"--autoencoder: {e}") from None
+    want = (autoencoder.in_channels, autoencoder.image_size, autoencoder.image_size)
+    if tuple(E.IMAGE_SHAPE[config["dataset"]]) != want:
+        raise UsageError(f"--autoencoder {config['autoencoder']} encodes {'x'.join(map(str, want))} "
+                         f"images, not {config['dataset']}'s")
+    if config.get("image_shape"):    # resuming: the codes must keep their shape and weights
+        try:
+            E.check_latent_shape(config, autoencoder, out)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if config.get("autoencoder_hash") and config["autoencoder_hash"] != digest:
+            raise UsageError(f"{out} was trained on the codes of autoencoder checkpoint "
+                             f"{config['autoencoder_hash']}, but {config['autoencoder']} now holds "
+                             f"{digest} (retrained?); continue with that autoencoder's checkpoint, "
+                             "or train a new latent run")
+    config["image_shape"] = list(autoencoder.latent_shape)
+    config["autoencoder_hash"] = digest
+    return autoencoder
+
+
+def _cached_latents(out, autoencoder, config, images, labels):
+    """The normalised codes of the training images, from out/latents.npz when it was written with
+    the same autoencoder checkpoint (its hash) for the same images, else encoded now and saved."""
+    from .models.autoencoder import encode_all
+    from .train import _fingerprint
+    path = os.path.join(out, "latents.npz")
+    key = f"{config['autoencoder_hash']}:{len(images)}:{_fingerprint(images, labels)}"
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["key"]) == key:
+                    _say(f"codes of {len(images)} training images read from {path}")
+                    return f["latents"]
+        except Exception:             # unreadable or older: encode again
+            pass
+    import time
+    start = time.perf_counter()
+    latents = encode_all(autoencoder, images)
+    os.makedirs(out, exist_ok=True)
+    save_npz(path, latents=latents, key=np.asarray(key))
+    _say(f"encoded {len(images)} training images once ({time.perf_counter() - start:.1f} s, "
+         f"std {latents.std():.3f}): {path}")
+    return latents
 
 
 def _load_training_set(config, args):
@@ -190,8 +337,11 @@ def sample(args, parser):
     from .backend import get_backend
 
     get_backend(args.backend)
-    run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    run = _load_sampling_run(args)
     _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
+    if args.trajectory and run.autoencoder is not None:
+        raise UsageError("--trajectory follows pixels; a latent run's trajectories are codes "
+                         "(not drawn yet): drop --trajectory")
     cond, guidance = _conditional_request(run, args, args.labels, args.per_class, args.guidance)
     if cond:
         guidance = float(run.config.get("guidance", 1.0)) if guidance is None else guidance
@@ -202,12 +352,14 @@ def sample(args, parser):
     n = len(labels) if labels is not None else (args.num_samples or 64)
     images, info = E.draw_samples(run.model, run.sde, n, args.sampler, args.steps, args.seed,
                                   args.batch, labels, guidance or 0.0, args.rtol,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, decoder=run.autoencoder)
     folder = os.path.dirname(run.path)
     out = args.out or os.path.join(folder, "samples.npz")
     grid = args.grid or out[:-4] + ".png"
     meta = dict(sampler=args.sampler, steps=args.steps, nfe=info["nfe"], seed=args.seed,
                 guidance=np.nan if guidance is None else guidance, checkpoint=run.path)
+    if "latents" in info:            # a latent run: the codes beside the decoded images
+        meta["latents"] = info["latents"]
     save_npz(out, images=images, **({"labels": labels} if labels is not None else {}), **meta)
     plot.save_image_grid(images, grid, nrow=nrow)
     what = f", labels {_describe(labels)}, guidance {guidance:g}" if cond else ""
@@ -250,6 +402,20 @@ def _save_trajectories(args, run, labels, guidance, nrow):
          f"(noise to data), {base}_forward.gif, {base}_forward.png (data to noise, eq. 1)")
 
 
+def _load_sampling_run(args):
+    """load_run for sample / evaluate; an autoencoder run is refused (it draws nothing)."""
+    try:
+        if E.resolve_config({}, os.path.dirname(E.checkpoint_path(args.run)) or ".")["model"] \
+                == "autoencoder":
+            raise UsageError(f"{args.run} is an autoencoder run: it reconstructs, it does not "
+                             "sample; train a latent model on it (--preset fashion-latent-cond "
+                             f"--autoencoder {args.run}) and sample that")
+    except ValueError as e:
+        if isinstance(e, UsageError):
+            raise
+    return E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+
+
 def _describe(labels):
     u = np.unique(labels)
     return ",".join(map(str, u)) if len(u) <= 10 else f"{len(u)} classes"
@@ -269,7 +435,10 @@ def evaluate(args, parser):
     from .models.classifier import load_classifier
 
     backend = get_backend(args.backend)
-    run = E.load_run(args.run, args.backend, use_ema=not args.no_ema)
+    run = _load_sampling_run(args)
+    if args.bpd and run.autoencoder is not None:
+        raise UsageError("--bpd of a latent run would be the bits/dim of its codes, not of the "
+                         "images; drop --bpd")
     for sampler in args.sampler:
         _check_sampler(sampler, run.sde.name, f"the SDE of {run.path}")
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
@@ -355,7 +524,7 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, fl
         labels = np.arange(n) % run.model.num_classes if cond else None
         images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
                                       labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, decoder=run.autoencoder)
         if args.save:
             save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
                      guidance=np.nan if w is None else w)

@@ -42,6 +42,13 @@ RECIPES = {
 # answer to a loss that exploded after ~40 epochs) with warm-up, clipping and the ramped EMA; a
 # lower peak rate than the ScoreNet's, as residual U-Nets are usually trained.
 RECIPES["unet"] = dict(RECIPES["cond"], lr=1e-3, epochs=3)
+# Latent diffusion (docs/latent.md). The autoencoder: plain Adam with a short warm-up and clipping,
+# no EMA (its weights are used as saved, also to measure the latent scale). The latent U-Net: the
+# U-Net recipe over more epochs, as an epoch of 7x7 codes costs a fraction of a pixel epoch.
+RECIPES["ae"] = dict(optimizer="adam", lr=2e-3, batch_size=64, epochs=5, warmup=100,
+                     schedule="constant", min_lr=1.0, weight_decay=0.0, ema=0.0, ema_warmup=False,
+                     clip=1.0)
+RECIPES["latent"] = dict(RECIPES["unet"], epochs=10)
 
 # What to train. Sizes of the attention blocks refer to the model's feature maps: the ScoreNet's
 # 26/12/5/2, a U-Net's resolutions (28/14/7 for unet-28s, 32/16/8/4 for the 32 px ones).
@@ -66,6 +73,13 @@ PRESETS = {
     "folder-cond": dict(dataset=None, conditional=True, model="unet-32s", attention=[8],
                         recipe="unet", hflip=True, show_real=True, image_size=32, per_class=6,
                         out="runs/folder_cond"),
+    # latent diffusion (docs/latent.md): first the autoencoder, then a U-Net on its 2x7x7 codes
+    # (--autoencoder RUN_DIR names the first run); the grids and samples are decoded images
+    "fashion-ae": dict(dataset="fashion-mnist", conditional=False, model="autoencoder",
+                       attention=[], recipe="ae", out="runs/fashion_ae"),
+    "fashion-latent-cond": dict(dataset="fashion-mnist", conditional=True, model="unet-latent",
+                                attention=[7], recipe="latent", show_real=True, latent=True,
+                                out="runs/fashion_latent_cond"),
 }
 
 # sigma belongs to the VE SDE, beta_min / beta_max to VP and sub-VP (None: that SDE's default);
@@ -78,7 +92,10 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
-                on_bad_file="error", num_classes=None, image_shape=None)
+                on_bad_file="error", num_classes=None, image_shape=None,
+                # latent diffusion: the autoencoder's settings, and the run a latent model uses
+                latent=False, autoencoder=None, autoencoder_hash=None, latent_channels=2,
+                corruption="none", corruption_level=None, latent_noise=0.0, kl_weight=0.0)
 
 NUM_CLASSES = 10          # every data set tinydiff ships a loader for has ten classes
 IMAGE_SHAPE = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar-10": (3, 32, 32)}
@@ -167,6 +184,8 @@ def build_model(config, backend="numpy", sde=None):
     from .models.unet import unet_from_config
     sde = sde or build_sde(config)
     nn.manual_seed(int(config["seed"]))
+    if config["model"] == "autoencoder":
+        return build_autoencoder(config).to(get_backend(backend))
     in_channels, size, _ = sample_shape(config)
     num_classes = num_classes_of(config) if config["conditional"] else None
     if config["model"] == "scorenet":
@@ -189,6 +208,60 @@ def build_model(config, backend="numpy", sde=None):
 
 
 UNET_OVERRIDES = ("base_channels", "channel_mult", "num_res_blocks", "dropout")
+
+
+def build_autoencoder(config):
+    """The Autoencoder (tinydiff.models.autoencoder) of an autoencoder run's configuration, on
+    the host; ``base_channels`` None is the model's 32."""
+    from .models.autoencoder import Autoencoder
+    c, size, _ = sample_shape(config)
+    kw = {"base_channels": int(config["base_channels"])} if config.get("base_channels") else {}
+    return Autoencoder(in_channels=c, image_size=size, latent_channels=int(config["latent_channels"]),
+                       corruption=config["corruption"], corruption_level=config["corruption_level"],
+                       latent_noise=float(config["latent_noise"]),
+                       kl_weight=float(config["kl_weight"]), **kw)
+
+
+def checkpoint_hash(path):
+    """The first 16 hex digits of the SHA-256 of a checkpoint file: which weights a cache or a
+    latent run was made with."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def load_autoencoder(run, backend="numpy"):
+    """(autoencoder in eval mode, its checkpoint's hash) from an autoencoder run's folder (or
+    checkpoint); CheckpointError if the run is not an autoencoder."""
+    path = checkpoint_path(run)
+    config = resolve_config({}, os.path.dirname(path) or ".")
+    if config["model"] != "autoencoder":
+        raise CheckpointError(f"{path} is not an autoencoder (its model is {config['model']}); "
+                              "pass --autoencoder a run of --preset fashion-ae")
+    model = build_model(config, backend)
+    state = load_checkpoint(path)
+    weights = dict(state["model"])
+    if state.get("ema") is not None:
+        weights.update(state["ema"]["shadow"])
+    try:
+        model.load_state_dict(weights)
+    except Exception as e:
+        raise CheckpointError(f"{path} does not fit the autoencoder its configuration "
+                              f"describes: {e}") from e
+    return model.eval(), checkpoint_hash(path)
+
+
+def check_latent_shape(config, autoencoder, where):
+    """Refuse (ValueError, one line) an autoencoder whose codes are not the latent run's shape."""
+    want = tuple(int(v) for v in config["image_shape"])
+    if tuple(autoencoder.latent_shape) != want:
+        shape = lambda s: "x".join(map(str, s))  # noqa: E731
+        raise ValueError(f"{where} was trained on {shape(want)} codes, but the autoencoder "
+                         f"{config['autoencoder']} makes {shape(autoencoder.latent_shape)} codes; "
+                         "use the autoencoder it was trained with, or train a new latent run")
 
 
 def num_classes_of(config):
@@ -237,7 +310,11 @@ def sample_shape(config):
 
 def model_title(config):
     """A few words naming the run's model in tables."""
-    return "ScoreNet" if config.get("model", "scorenet") == "scorenet" else f"U-Net {config['model']}"
+    model = config.get("model", "scorenet")
+    if model == "autoencoder":
+        return "Autoencoder"
+    name = "ScoreNet" if model == "scorenet" else f"U-Net {model}"
+    return f"latent {name}" if config.get("latent") else name
 
 
 def build_training_noise(config):
@@ -291,6 +368,7 @@ class Run(NamedTuple):
     config: dict
     state: dict         # the checkpoint (epoch, step, loss history, ...)
     path: str           # the checkpoint file
+    autoencoder: object = None   # a latent run's autoencoder (its decoder turns codes to images)
 
 
 def checkpoint_path(run):
@@ -319,7 +397,18 @@ def load_run(run, backend="numpy", use_ema=True):
         model.load_state_dict(weights)
     except Exception as e:
         raise CheckpointError(f"{path} does not fit the model its configuration describes: {e}") from e
-    return Run(model.eval(), sde, config, state, path)
+    autoencoder = None
+    if config.get("latent"):
+        autoencoder, digest = load_autoencoder(config["autoencoder"], backend)
+        try:
+            check_latent_shape(config, autoencoder, path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if config.get("autoencoder_hash") and digest != config["autoencoder_hash"]:
+            raise CheckpointError(f"{path} was trained on the codes of autoencoder checkpoint "
+                                  f"{config['autoencoder_hash']}, but {config['autoencoder']} now "
+                                  f"holds {digest} (retrained?); its samples would decode wrongly")
+    return Run(model.eval(), sde, config, state, path, autoencoder)
 
 
 # -- drawing samples ---------------------------------------------------------------------------
@@ -328,7 +417,8 @@ SAMPLERS = sampling.SAMPLERS
 
 
 def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
-                 labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False, callback=None):
+                 labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False, callback=None,
+                 decoder=None):
     """``num_samples`` images from a score model, in batches, seeded.
 
     Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
@@ -336,7 +426,9 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
     2 steps for pc, 2 steps - 1 for heun / heun-sde, the solver's count for ode; a guided
     evaluation is one batched call on 2N) and ``seconds``. ``sampler`` "ancestral" (DDPM's) needs
     the VP SDE. ``callback(i, t, x)`` is passed to the sampler (every batch; see
-    tinydiff.trajectory for a recorder).
+    tinydiff.trajectory for a recorder). ``decoder``: a latent run's autoencoder; the samples are
+    then normalised codes, decoded (``decode_normalised``) into the returned images, and
+    ``info["latents"]`` holds the codes (``raw`` too).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -358,6 +450,11 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
         out.append(backend_of(x).to_host(x))
     be.synchronize()
     raw = np.concatenate(out).astype(np.float32)
+    if decoder is not None:
+        from .models.autoencoder import decode_all
+        images = decode_all(decoder, raw, batch_size)
+        return np.clip(images, 0.0, 1.0), {"raw": raw, "latents": raw, "nfe": nfe,
+                                           "seconds": time.perf_counter() - start}
     return np.clip(raw, 0.0, 1.0), {"raw": raw, "nfe": nfe, "seconds": time.perf_counter() - start}
 
 

@@ -305,6 +305,11 @@ UNET_CONFIGS = {
                      attention=(8,), num_heads=4, dropout=0.1),
     "unet-32l": dict(image_size=32, base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                      attention=(16,), num_heads=4, dropout=0.1),
+    # latent diffusion on the autoencoder's 2x7x7 codes (docs/latent.md): one level, no
+    # resampling (7 is odd; padding codes to 8x8 would add numbers the decoder never sees), so
+    # depth comes from two blocks per level and global attention after each at 7x7 and in the middle
+    "unet-latent": dict(image_size=7, base_channels=64, channel_mult=(1,), num_res_blocks=2,
+                        attention=(7,), num_heads=4, dropout=0.0),
 }
 
 
