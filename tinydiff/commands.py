@@ -282,6 +282,10 @@ def _check_train_config(config):
             raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its "
                              "loss on the host before the update")
         return
+    bad = [a for a in config["attention"] if a not in (26, 12, 5, 2)]
+    if bad:
+        raise UsageError(f"--attention {','.join(map(str, config['attention']))}: the ScoreNet's "
+                         f"feature maps are 26, 12, 5 and 2 (a U-Net has its own: --model)")
     if len(config["channels"]) != 4:
         raise UsageError(f"--channels needs the four ScoreNet widths, e.g. 32,64,128,256; got "
                          f"{','.join(map(str, config['channels']))}")
@@ -296,7 +300,7 @@ def _check_train_config(config):
 def _check_sampler(sampler, sde_name, where):
     if sampler == "ancestral" and sde_name != "vp":
         raise UsageError(f"--sampler ancestral is DDPM's sampler for the VP SDE, but {where} is "
-                         f"{sde_name}; choose em, pc or ode")
+                         f"{sde_name}; choose em, pc, ode, heun or heun-sde")
 
 
 def _test_bits_per_dim(model, sde, config, n, root, backend, seed=0):
