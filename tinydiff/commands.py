@@ -502,6 +502,8 @@ def evaluate(args, parser):
                 f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
             steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
                      else f"{num_steps} ({row['nfe']})")
+            if args.from_file:         # the file's images: this command drew nothing
+                sampler, steps = "from file", "–"
             weight = "–" if row["guidance"] is None else f"{row['guidance']:g}"
             print(f"| {dataset} | {name} | {sampler} | {steps} | {weight} | {n} (seed {seed}) | "
                   f"{row['fd']:.1f} ({floor:.1f}) | {row['classes']} | {row['bpd']} | {timing} |",
