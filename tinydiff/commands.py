@@ -414,9 +414,10 @@ def _load_sampling_run(args):
             raise UsageError(f"{args.run} is an autoencoder run: it reconstructs, it does not "
                              "sample; train a latent model on it (--preset fashion-latent-cond "
                              f"--autoencoder {args.run}) and sample that")
-    except ValueError as e:
-        if isinstance(e, UsageError):
-            raise
+    except UsageError:
+        raise
+    except (ValueError, E.CheckpointError):
+        pass        # not a readable run: load_run says what is wrong with the file itself
     return E.load_run(args.run, args.backend, use_ema=not args.no_ema)
 
 
