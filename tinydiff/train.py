@@ -364,13 +364,6 @@ class Trainer:
         return True
 
     # -- one step --------------------------------------------------------------------------------
-    def _grad_norm(self, params):
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return None
-        xp = backend_of(grads[0]).xp
-        return xp.sqrt(xp.sum(xp.stack([g.ravel().dot(g.ravel()) for g in grads])))
-
     def train_step(self, x, y):
         """Loss, backward, finiteness check, clip, optimizer, EMA, schedule. Returns (loss, norm,
         lr, skipped) as host floats; with log_every > 1 it returns None: the step's loss and norm

@@ -230,39 +230,32 @@ def _to_unit(images):
     return x[:, None] if x.ndim == 3 else x
 
 
-def encode_all(model, images, batch_size=500, normalised=True):
-    """Host codes (N, c, h, w) float32 of host images (uint8 or float, (N, [C,] H, W)), in
-    batches, eval mode, no gradients; ``normalised``: divided by ``latent_scale``."""
-    be = model.backend
-    was = model.training
+def _in_batches(model, arrays, batch_size, to_input, apply):
+    """``apply`` on each batch of host ``arrays`` (made model input by ``to_input``), in eval
+    mode and without gradients; the host results concatenated as float32."""
+    be, was, out = model.backend, model.training, []
     model.eval()
-    out = []
     try:
         with no_grad():
-            for i in range(0, len(images), batch_size):
-                x = Tensor(be.asarray(_to_unit(images[i:i + batch_size])).astype(model_dtype(model)))
-                z = model.encode_normalised(x) if normalised else model.encode(x)
-                out.append(be.to_host(z.data))
+            for i in range(0, len(arrays), batch_size):
+                x = Tensor(be.asarray(to_input(arrays[i:i + batch_size])).astype(model_dtype(model)))
+                out.append(be.to_host(apply(x).data))
     finally:
         model.train(was)
     return np.concatenate(out).astype(np.float32)
+
+
+def encode_all(model, images, batch_size=500, normalised=True):
+    """Host codes (N, c, h, w) float32 of host images (uint8 or float, (N, [C,] H, W)), in
+    batches, eval mode, no gradients; ``normalised``: divided by ``latent_scale``."""
+    return _in_batches(model, images, batch_size, _to_unit,
+                       model.encode_normalised if normalised else model.encode)
 
 
 def decode_all(model, codes, batch_size=500, normalised=True):
     """Host images (N, C, H, W) float32 in (0, 1) of host codes, in batches, no gradients."""
-    be = model.backend
-    was = model.training
-    model.eval()
-    out = []
-    try:
-        with no_grad():
-            for i in range(0, len(codes), batch_size):
-                z = Tensor(be.asarray(np.asarray(codes[i:i + batch_size])).astype(model_dtype(model)))
-                x = model.decode_normalised(z) if normalised else model.decode(z)
-                out.append(be.to_host(x.data))
-    finally:
-        model.train(was)
-    return np.concatenate(out).astype(np.float32)
+    return _in_batches(model, codes, batch_size, np.asarray,
+                       model.decode_normalised if normalised else model.decode)
 
 
 def model_dtype(model):
