@@ -145,6 +145,7 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--preset", "mnist-cond", "--heads", "3"], "num_heads=3"), (["--heads", "0"], "--heads"),
     (["--guidance", "inf"], "--guidance"), (["--preset", "celeba"], "--preset"),
     (["--recipe", "slow"], "--recipe"), (["--sampler", "ddim"], "--sampler"),
+    (["--churn", "10"], "--churn"), (["--sampler", "heun-sde", "--churn", "x"], "--churn"),
     (["--resume", "--sample-only"], "--sample-only"), (["--seed", "-1"], "--seed"),
     (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
 ]
@@ -194,6 +195,20 @@ def test_evaluate_sweeps_samplers_at_equal_score_evaluations(runs, root, tmp_pat
                                            ("heun", "3 (5)")]
     csv_rows = (tmp_path / "nfe.csv").read_text().splitlines()
     assert plot.is_file() and csv_rows[0].startswith("sampler,steps,nfe") and len(csv_rows) == 5
+
+
+def test_churn_sets_the_noise_of_heun_sde(runs, tmp_path):
+    def draw(name, *flags):
+        assert call("sample", runs["uncond"], "--num-samples", "3", "--steps", "4", "--out",
+                    tmp_path / name, "--no-progress", *flags) == 0
+        with np.load(tmp_path / name) as f:
+            return f["images"], f
+    heun, _ = draw("h.npz", "--sampler", "heun")
+    churn0, f = draw("c0.npz", "--sampler", "heun-sde", "--churn", "0")
+    default, _ = draw("d.npz", "--sampler", "heun-sde")
+    assert np.array_equal(churn0, heun)            # S_churn = 0 is the deterministic sampler
+    assert not np.array_equal(default, heun)       # the default churn (40) adds noise
+    assert float(np.load(tmp_path / "c0.npz")["churn"]) == 0.0
 
 
 def test_sample_trajectory_writes_animations_and_strips(runs, root, tmp_path):
@@ -251,6 +266,9 @@ def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):
         (["evaluate", cond, "--sampler", "em,heun", "--guidance", "0,1"], 2, "one thing at a time"),
         (["sample", cond, "--trajectory", tmp_path / "t.png"], 2, "--trajectory"),
         (["sample", cond, "--frames", "1"], 2, "--frames"),
+        (["sample", cond, "--churn", "5"], 2, "--churn"),
+        (["sample", cond, "--sampler", "heun-sde", "--churn", "-1"], 2, "--churn"),
+        (["evaluate", cond, "--sampler", "em,heun", "--churn", "5"], 2, "--churn"),
         ([], 2, "train,sample,evaluate"), (["fly"], 2, "fly"),
     ]
     (tmp_path / "s.npz").write_bytes(b"")

@@ -166,6 +166,8 @@ def add_train_arguments(p, preset=None):
         "Euler-Maruyama (em, default), predictor-corrector (pc), probability-flow ODE (ode), "
         "DDPM's ancestral sampler (ancestral, --sde vp only)")
     opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
+    opt("--churn", type=A.nonnegative_float, help="S_churn of --sampler heun-sde: how much noise "
+        "each step adds and removes (default 40; 0 is heun)")
     opt("--num-samples", type=A.positive_int, help="images per grid of an unconditional run "
         "(default 64)")
     opt("--per-class", type=A.positive_int, help="images per class (one row each) in the grids of "
@@ -265,6 +267,8 @@ def _add_sampler_arguments(p, many=False):
                        help="sampler steps (default 500; ode picks its own)")
     p.add_argument("--rtol", type=A.positive_float, default=1e-5,
                    help="ode tolerance, rtol = atol (default 1e-5)")
+    p.add_argument("--churn", type=A.nonnegative_float, help="S_churn of the heun-sde sampler: "
+                   "how much noise each step adds and removes (default 40; 0 is heun)")
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")
     p.add_argument("--batch", type=A.positive_int, default=500,
                    help="samples drawn at once (default 500)")

@@ -76,7 +76,8 @@ def train(args, parser):
     n = len(labels) if labels is not None else int(config["num_samples"])
     sample_fn = T.make_sample_fn(sde, config["sampler"], int(config["sample_steps"]), (n, *shape),
                                  labels=labels, guidance=float(config["guidance"]),
-                                 nrow=int(config["per_class"]) if labels is not None else None)
+                                 nrow=int(config["per_class"]) if labels is not None else None,
+                                 options=_sampler_options(config["sampler"], config.get("churn")))
     if autoencoder is not None:      # a latent run's grids and samples are decoded images
         sample_fn = _decoding(sample_fn, autoencoder)
     ema = None
@@ -276,6 +277,7 @@ def _check_train_config(config):
         if given and config["preset"] not in ("folder", "folder-cond"):
             raise UsageError(f"{' and '.join(given)} apply to --dataset folder:PATH only; "
                              f"{config['dataset']} images are {E.IMAGE_SHAPE[config['dataset']]}")
+    _sampler_options(config["sampler"], config.get("churn"))
     if config["model"] != "scorenet":
         _check_sampler(config["sampler"], config["sde"], "--sde")
         if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
@@ -295,6 +297,13 @@ def _check_train_config(config):
     if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
         raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its loss "
                          "on the host before the update")
+
+
+def _sampler_options(sampler, churn):
+    try:
+        return E.sampler_options(sampler, churn)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_sampler(sampler, sde_name, where):
@@ -343,6 +352,7 @@ def sample(args, parser):
     get_backend(args.backend)
     run = _load_sampling_run(args)
     _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
+    options = _sampler_options(args.sampler, args.churn)
     if args.trajectory and run.autoencoder is not None:
         raise UsageError("--trajectory follows pixels; a latent run's trajectories are codes "
                          "(not drawn yet): drop --trajectory")
@@ -356,11 +366,13 @@ def sample(args, parser):
     n = len(labels) if labels is not None else (args.num_samples or 64)
     images, info = E.draw_samples(run.model, run.sde, n, args.sampler, args.steps, args.seed,
                                   args.batch, labels, guidance or 0.0, args.rtol,
-                                  progress=not args.no_progress, decoder=run.autoencoder)
+                                  progress=not args.no_progress, decoder=run.autoencoder,
+                                  options=options)
     folder = os.path.dirname(run.path)
     out = args.out or os.path.join(folder, "samples.npz")
     grid = args.grid or out[:-4] + ".png"
     meta = dict(sampler=args.sampler, steps=args.steps, nfe=info["nfe"], seed=args.seed,
+                **({"churn": args.churn} if args.churn is not None else {}),
                 guidance=np.nan if guidance is None else guidance, checkpoint=run.path)
     if "latents" in info:            # a latent run: the codes beside the decoded images
         meta["latents"] = info["latents"]
@@ -385,7 +397,8 @@ def _save_trajectories(args, run, labels, guidance, nrow):
     steps = None if args.sampler == "ode" else args.steps
     rec = TR.Recorder(steps, args.frames)
     E.draw_samples(run.model, run.sde, k, args.sampler, args.steps, args.seed, k, labels,
-                   guidance, args.rtol, shape=E.sample_shape(run.config), callback=rec)
+                   guidance, args.rtol, shape=E.sample_shape(run.config), callback=rec,
+                   options=_sampler_options(args.sampler, args.churn))
     frames, times = rec.thinned()
     base = args.trajectory[:-4]
     TR.save_gif(frames, args.trajectory, times, run.sde)
@@ -446,6 +459,8 @@ def evaluate(args, parser):
                          "images; drop --bpd")
     for sampler in args.sampler:
         _check_sampler(sampler, run.sde.name, f"the SDE of {run.path}")
+    if args.churn is not None and "heun-sde" not in args.sampler:
+        _sampler_options(args.sampler[0], args.churn)          # the one-line refusal
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
     if cond:
         ws = ws or [float(run.config.get("guidance", 1.0))]
@@ -503,6 +518,8 @@ def evaluate(args, parser):
                 f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
             steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
                      else f"{num_steps} ({row['nfe']})")
+            if sampler == "heun-sde" and args.churn is not None:
+                sampler = f"heun-sde (churn {args.churn:g})"
             if args.from_file:         # the file's images: this command drew nothing
                 sampler, steps = "from file", "–"
             weight = "–" if row["guidance"] is None else f"{row['guidance']:g}"
@@ -529,9 +546,11 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, fl
         w = info.pop("guidance", w)
     else:
         labels = np.arange(n) % run.model.num_classes if cond else None
+        churn = args.churn if sampler == "heun-sde" else None      # --churn: the heun-sde rows
         images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
                                       labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
-                                      progress=not args.no_progress, decoder=run.autoencoder)
+                                      progress=not args.no_progress, decoder=run.autoencoder,
+                                      options=_sampler_options(sampler, churn))
         if args.save:
             save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
                      guidance=np.nan if w is None else w)

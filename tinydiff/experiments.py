@@ -88,7 +88,7 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
-                cosine_epochs=None, sampler="em", sample_steps=500, num_samples=64, per_class=8,
+                cosine_epochs=None, sampler="em", sample_steps=500, churn=None, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
@@ -418,7 +418,7 @@ SAMPLERS = sampling.SAMPLERS
 
 def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch_size=500,
                  labels=None, guidance=0.0, rtol=1e-5, shape=None, progress=False, callback=None,
-                 decoder=None):
+                 decoder=None, options=None):
     """``num_samples`` images from a score model, in batches, seeded.
 
     Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
@@ -428,7 +428,8 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
     the VP SDE. ``callback(i, t, x)`` is passed to the sampler (every batch; see
     tinydiff.trajectory for a recorder). ``decoder``: a latent run's autoencoder; the samples are
     then normalised codes, decoded (``decode_normalised``) into the returned images, and
-    ``info["latents"]`` holds the codes (``raw`` too).
+    ``info["latents"]`` holds the codes (``raw`` too). ``options``: keyword arguments of the
+    sampler itself (``sampler_options``: e.g. S_churn for "heun-sde").
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
@@ -445,7 +446,8 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
         score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance)
         rng = be.default_rng(_batch_seed(seed, i))
         x, k = sampling.sample(sampler, score_fn, sde, (m, *shape), steps, rtol=rtol, rng=rng,
-                               backend=be.name, progress=progress, callback=callback)
+                               backend=be.name, progress=progress, callback=callback,
+                               **(options or {}))
         nfe = max(nfe, k)            # the ODE's count varies by batch: report the largest
         out.append(backend_of(x).to_host(x))
     be.synchronize()
@@ -460,6 +462,17 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
 
 # score evaluations per step of each sampler (ode: the solver decides; heun: 2 per step, one less
 # at the end, where the last step to sigma = 0 is a plain Euler step)
+def sampler_options(sampler, churn=None):
+    """The sampler's own keyword arguments from the command line's settings: ``churn`` is
+    S_churn of "heun-sde" (EDM's Algorithm 2; None: its default 40), refused for other samplers."""
+    if churn is None:
+        return {}
+    if sampler != "heun-sde":
+        raise ValueError(f"--churn is the noise of the heun-sde sampler; sampler {sampler!r} "
+                         "has none: drop --churn or use --sampler heun-sde")
+    return {"S_churn": float(churn)}
+
+
 def steps_for_nfe(sampler, nfe):
     """The most steps of ``sampler`` that spend at most ``nfe`` score evaluations per sample (so
     samplers can be compared at equal cost); None for ode, whose solver picks its own steps."""

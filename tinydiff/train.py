@@ -113,7 +113,7 @@ def score_matching_loss(sde, eps=1e-5, use_labels=False, label_dropout=0.0, null
 
 
 def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labels=None,
-                   eps=1e-3, guidance=0.0, nrow=None):
+                   eps=1e-3, guidance=0.0, nrow=None, options=None):
     """sample_fn(model, seed) -> host images in [0, 1], drawn with one of the samplers.
 
     sampler: "em" (Euler-Maruyama, eq. 2), "pc" (predictor-corrector), "ode" (probability flow;
@@ -122,6 +122,7 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
     classifier-free guidance weight ``guidance``. ``nrow`` (images per grid row) is kept as
     ``sample_fn.nrow`` for the grids, and the labels as ``sample_fn.labels``; set
     ``sample_fn.real`` to data images to draw them beneath the samples in every grid.
+    ``options``: keyword arguments of the sampler itself (e.g. S_churn of "heun-sde").
     """
     from . import sampling
 
@@ -138,7 +139,7 @@ def make_sample_fn(sde, sampler="em", num_steps=500, shape=(64, 1, 28, 28), labe
         y = None if labels is None else be.asarray(np.asarray(labels, np.int64))
         score_fn = sampling.model_score_fn(model, labels=y, guidance=guidance if y is not None else 0.0)
         x, _ = sampling.sample(sampler, score_fn, sde, shape, num_steps, eps=eps,
-                               rng=be.default_rng(seed), backend=be.name)
+                               rng=be.default_rng(seed), backend=be.name, **(options or {}))
         return backend_of(x).to_host(x)
     sample_fn.nrow = nrow
     sample_fn.real = None
