@@ -174,6 +174,27 @@ def test_not_an_autoencoder_and_sampling_an_autoencoder_are_refused(runs, tmp_pa
 
 
 @needs_data
+def test_evaluate_scores_an_autoencoders_reconstructions(runs, capsys):
+    from tinydiff import data, metrics
+    from tinydiff.models.autoencoder import decode_all, encode_all
+    _, ae, _ = runs
+    capsys.readouterr()
+    assert call("evaluate", ae, "--samples", "40", "--no-progress") == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| fashion-mnist")]
+    assert len(line) == 1 and "2x7x7 codes, 8x" in line[0], line
+    # the printed PSNR is that of the reconstructions of the same 40 test images
+    model, _ = experiments.load_autoencoder(ae)
+    test_x, test_y = data.load_dataset("fashion-mnist", "test", data_dir(), verbose=False)
+    picked = metrics.select(test_x, 40, 0)
+    recon = decode_all(model, encode_all(model, picked))
+    mse = float(np.mean((recon - experiments.to_unit(picked)) ** 2))
+    assert f"PSNR {10 * np.log10(1 / mse):.2f} dB" in line[0]
+    # flags of score models are refused in one line
+    assert call("evaluate", ae, "--guidance", "2", "--no-progress") == 2
+    _one_line_error(capsys.readouterr().err, "--guidance")
+
+
+@needs_data
 def test_the_example_trains_both_runs_and_draws_trousers(tmp_path, monkeypatch):
     import importlib.util
     import os

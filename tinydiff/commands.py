@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import time
 
 import numpy as np
 
@@ -252,7 +253,6 @@ def _cached_latents(out, autoencoder, config, images, labels):
                     return f["latents"]
         except Exception:             # unreadable or older: encode again
             pass
-    import time
     start = time.perf_counter()
     latents = encode_all(autoencoder, images)
     os.makedirs(out, exist_ok=True)
@@ -419,18 +419,20 @@ def _save_trajectories(args, run, labels, guidance, nrow):
          f"(noise to data), {base}_forward.gif, {base}_forward.png (data to noise, eq. 1)")
 
 
+def _is_autoencoder_run(path):
+    try:
+        return E.resolve_config({}, os.path.dirname(E.checkpoint_path(path)) or ".")["model"] \
+            == "autoencoder"
+    except (ValueError, E.CheckpointError):
+        return False   # not a readable run: load_run says what is wrong with the file itself
+
+
 def _load_sampling_run(args):
     """load_run for sample / evaluate; an autoencoder run is refused (it draws nothing)."""
-    try:
-        if E.resolve_config({}, os.path.dirname(E.checkpoint_path(args.run)) or ".")["model"] \
-                == "autoencoder":
-            raise UsageError(f"{args.run} is an autoencoder run: it reconstructs, it does not "
-                             "sample; train a latent model on it (--preset fashion-latent-cond "
-                             f"--autoencoder {args.run}) and sample that")
-    except UsageError:
-        raise
-    except (ValueError, E.CheckpointError):
-        pass        # not a readable run: load_run says what is wrong with the file itself
+    if _is_autoencoder_run(args.run):
+        raise UsageError(f"{args.run} is an autoencoder run: it reconstructs, it does not "
+                         "sample; train a latent model on it (--preset fashion-latent-cond "
+                         f"--autoencoder {args.run}) and sample that")
     return E.load_run(args.run, args.backend, use_ema=not args.no_ema)
 
 
@@ -450,6 +452,8 @@ def save_npz(path, **arrays):
 def evaluate(args, parser):
     from . import data, metrics
     from .backend import get_backend
+    if _is_autoencoder_run(args.run):
+        return _evaluate_autoencoder(args)
     from .models.classifier import load_classifier
 
     backend = get_backend(args.backend)
@@ -533,6 +537,55 @@ def evaluate(args, parser):
               ", ".join(f"{k} {v:.1f}" for k, v in ref.items()))
     if len(rows) > 1:
         _write_sweep(args, run, rows, floor, dataset, n, guidance_sweep=len(ws) > 1)
+    return 0
+
+
+def _evaluate_autoencoder(args):
+    """`tinydiff evaluate AE_RUN`: what the autoencoder alone costs. ``--samples`` test images
+    are encoded and decoded; printed: their MSE and PSNR, the Fréchet distance of the
+    reconstructions against the test set (beside the floor, train against test, at the same count
+    and seed, and the test images themselves in the reconstructions' place), and the shipped
+    classifier's accuracy on the reconstructions and on the originals."""
+    from . import data, metrics
+    from .backend import get_backend
+    from .models.autoencoder import decode_all, encode_all
+    from .models.classifier import load_classifier
+    sampling_only = [f for f, given in (("--sampler", args.sampler != ["em"]),
+                                        ("--guidance", args.guidance), ("--bpd", args.bpd),
+                                        ("--from-file", args.from_file),
+                                        ("--steps / --nfe", args.nfe or args.steps != [500]))
+                     if given]
+    if sampling_only:
+        raise UsageError(f"{args.run} is an autoencoder run: evaluate scores its reconstructions "
+                         f"of test images; {', '.join(sampling_only)} apply to score models")
+    backend = get_backend(args.backend)
+    try:
+        model, _ = E.load_autoencoder(args.run, args.backend)
+    except E.CheckpointError as e:
+        raise UsageError(str(e)) from None
+    config = E.resolve_config({}, os.path.dirname(E.checkpoint_path(args.run)) or ".")
+    dataset, n, seed = config["dataset"], args.samples, args.seed
+    classifier = load_classifier(dataset, path=args.classifier, backend=backend)
+    train_x, _ = data.load_dataset(dataset, "train", root=args.data, verbose=False)
+    test_x, test_y = data.load_dataset(dataset, "test", root=args.data, verbose=False)
+    picked, picked_y = metrics.select(test_x, n, seed, labels=test_y)
+    start = time.perf_counter()
+    recon = decode_all(model, encode_all(model, picked, batch_size=args.batch), args.batch)
+    seconds = time.perf_counter() - start
+    clean = E.to_unit(picked)
+    mse = float(np.mean((recon - clean) ** 2))
+    fd = metrics.frechet_classifier_distance(recon, test_x, classifier, n, seed)
+    floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
+    itself = metrics.frechet_classifier_distance(clean, test_x, classifier, n, seed)
+    acc_recon = float(np.mean(metrics.classifier_predict(recon, classifier, args.batch) == picked_y))
+    acc_clean = float(np.mean(metrics.classifier_predict(clean, classifier, args.batch) == picked_y))
+    shape = "x".join(map(str, model.latent_shape))
+    print(f"| {dataset} | autoencoder {os.path.basename(os.path.dirname(E.checkpoint_path(args.run)))} "
+          f"({shape} codes, {model.compression:g}x) | {n} test images (seed {seed}) | "
+          f"MSE {mse:.5f}, PSNR {10 * np.log10(1 / mse):.2f} dB | Fréchet dist. of the "
+          f"reconstructions {fd:.1f} (the originals {itself:.1f}; floor {floor:.1f}) | classifier "
+          f"accuracy {100 * acc_recon:.1f} % (originals {100 * acc_clean:.1f} %) | "
+          f"{seconds:.1f} s to encode and decode ({backend.name}) |", flush=True)
     return 0
 
 
