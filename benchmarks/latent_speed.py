@@ -99,7 +99,7 @@ def main(argv=None):
     ap.add_argument("--pixel-base", type=A.positive_int, help="base channels of the pixel U-Net "
                     "(default: unet-28s's 32)")
     ap.add_argument("--latent-base", type=A.positive_int, help="base channels of the latent U-Net "
-                    "(default: unet-latent's 64)")
+                    "(default: unet-latent's 32)")
     ap.add_argument("--ae-base", type=A.positive_int, default=32, help="base channels of the "
                     "autoencoder whose decoder turns codes into images (default 32)")
     ap.add_argument("--repeats", type=A.positive_int, default=5)

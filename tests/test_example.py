@@ -55,15 +55,16 @@ def test_train_outputs_resume_and_sample_only(example, mnist_root, tmp_path, cap
     out = tmp_path / "run"
     assert run(example, out, mnist_root, "--epochs", "1") == 0
     for name in ("checkpoint.npz", "config.json", "loss_steps.csv", "loss_epochs.csv", "loss.png",
-                 "samples/epoch_001.png", "samples_em.png", "samples_em.npz"):
+                 "samples/epoch_001.png", "samples_heun-sde.png", "samples_heun-sde.npz"):
         assert (out / name).is_file(), name
     state = train.load_checkpoint(str(out / "checkpoint.npz"))
     assert (state["epoch"], state["step"]) == (1, 3)             # 48 images / batch 16
     assert state["config"]["recipe"] == "fast" and state["ema"] is not None
     assert len((out / "loss_steps.csv").read_text().splitlines()) == 1 + 3
-    with np.load(out / "samples_em.npz") as f:
+    with np.load(out / "samples_heun-sde.npz") as f:       # the fast recipe's sampler
         assert f["samples"].shape == (4, 1, 28, 28) and np.isfinite(f["samples"]).all()
-    img = mpimg.imread(str(out / "samples_em.png"))
+        assert str(f["sampler"]) == "heun-sde" and int(f["sample_steps"]) == 3
+    img = mpimg.imread(str(out / "samples_heun-sde.png"))
     assert img.shape[0] == img.shape[1] > 56                       # a 2x2 grid, upscaled
 
     # resume to 2 epochs == an uninterrupted 2-epoch run, bit for bit; settings come from the checkpoint
@@ -112,6 +113,9 @@ def test_recipes_and_explicit_flags(tmp_path):
     fast = _config([])
     assert fast["recipe"] == "fast" and fast["optimizer"] == "adam" and not fast["conditional"]
     assert fast["attention"] == [] and fast["channels"] == [32, 64, 128, 256]
+    assert (fast["noise"], fast["sampler"], fast["sample_steps"]) == ("lognormal", "heun-sde", 250)
+    reference = _config(["--recipe", "reference"])     # the tutorial's: uniform times, EM 500
+    assert (reference["noise"], reference["sampler"], reference["sample_steps"]) == ("uniform", "em", 500)
     cond = _config([], preset="mnist-cond")
     assert (cond["recipe"], cond["optimizer"], cond["schedule"], cond["conditional"]) == \
         ("cond", "adamw", "cosine-then-constant", True)
