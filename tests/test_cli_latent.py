@@ -76,7 +76,7 @@ def test_latent_run_caches_codes_samples_and_evaluates(runs, tmp_path, capsys):
         codes = f["latents"]
         assert codes.shape == (32, 2, 7, 7) and str(f["key"]).startswith(config["autoencoder_hash"])
     # the run's own samples are decoded images
-    with np.load(lat / "samples_em.npz") as f:
+    with np.load(lat / "samples_heun-sde.npz") as f:
         assert f["images"].shape == (10, 1, 28, 28)
     # training on: the codes are read back, not encoded again
     capsys.readouterr()
