@@ -145,7 +145,7 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--preset", "mnist-cond", "--heads", "3"], "num_heads=3"), (["--heads", "0"], "--heads"),
     (["--guidance", "inf"], "--guidance"), (["--preset", "celeba"], "--preset"),
     (["--recipe", "slow"], "--recipe"), (["--sampler", "ddim"], "--sampler"),
-    (["--churn", "10"], "--churn"), (["--sampler", "heun-sde", "--churn", "x"], "--churn"),
+    (["--sampler", "em", "--churn", "10"], "--churn"), (["--sampler", "heun-sde", "--churn", "x"], "--churn"),
     (["--resume", "--sample-only"], "--sample-only"), (["--seed", "-1"], "--seed"),
     (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
 ]
