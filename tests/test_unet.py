@@ -410,3 +410,30 @@ def test_torch_weights_load_into_tinydiff(torch):
     x, t = _inputs(2, 3, 8, seed=5, dtype=np.float32)
     ref = theirs(torch.tensor(x), torch.tensor(t)).detach().numpy()          # y=None on both sides
     np.testing.assert_allclose(ours(x, t).numpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name, base", [("unet-latent", None), ("unet-28s", 16), ("unet-28s", None)])
+def test_the_embedding_reaches_every_block_at_the_shipped_widths(name, base):
+    """The time and class embedding enter each ResBlock as a shift before a group norm; with one
+    channel per group the norm would cancel it (the bug this guards against: a conditional U-Net
+    at 32 channels that ignored its labels and t). Every ResBlock's norm2 keeps >= 4 channels per
+    group, and the network's output (times std(t)) changes with the label and with t."""
+    from tinydiff.models.unet import EMBED_GROUP_CHANNELS, ResBlock
+    from tinydiff.sde import VESDE
+    sde = VESDE(25.0)
+    nn.manual_seed(0)
+    kw = {} if base is None else {"base_channels": base}
+    cfg = UNET_CONFIGS[name]
+    c = 2 if name == "unet-latent" else 1
+    model = unet_from_config(name, sde.marginal_std, in_channels=c, num_classes=10, **kw)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(b.out_ch // b.norm2.num_groups >= EMBED_GROUP_CHANNELS for b in blocks)
+    size = cfg["image_size"]
+    x = np.random.default_rng(0).normal(size=(1, c, size, size)).astype(np.float32).repeat(3, 0)
+    with td.no_grad():
+        by_label = model(x, np.full(3, 0.3, np.float32), np.array([0, 1, 10])).data
+        ts = np.array([0.1, 0.3, 0.9], np.float32)
+        by_time = model(x, ts, np.array([1, 1, 1])).data * sde.marginal_std(ts)[:, None, None, None]
+    for out in (by_label, by_time):
+        assert np.abs(out[0] - out[1]).mean() > 1e-3 * np.abs(out).mean()
+        assert np.abs(out[1] - out[2]).mean() > 1e-3 * np.abs(out).mean()

@@ -47,9 +47,18 @@ from ..nn import functional as F
 from .scorenet import GaussianFourierProjection, ScoreModel
 
 
-def _groups(num_groups, channels):
-    """gcd(groups, channels): 32 groups for real widths, a valid count for tiny test nets."""
-    return math.gcd(num_groups, channels)
+def _groups(num_groups, channels, min_channels=1):
+    """The largest divisor of gcd(groups, channels) whose groups hold at least ``min_channels``
+    channels each: 32 groups for real widths, a valid count for tiny test nets."""
+    g = math.gcd(num_groups, channels)
+    return max(d for d in range(1, g + 1) if g % d == 0 and channels // d >= min(min_channels, channels))
+
+
+# Channels per group, at least, of the GroupNorm that the embedding enters (ResBlock.norm2). The
+# embedding is added as a per-channel shift *before* that norm (DDPM), and a group norm removes
+# each group's mean: with one channel per group (32 groups of 32 channels) it removes the shift
+# entirely and the block never sees t or the class. DDPM's widths (128+) have 4 or more per group.
+EMBED_GROUP_CHANNELS = 4
 
 
 def _norm_swish(h, norm, shift=None):
@@ -65,16 +74,19 @@ class ResBlock(nn.Module):
             differ, else the skip is the identity.
         embed_dim: width of the (already swished) embedding passed to forward.
         dropout: probability of the dropout before the second conv (training mode only).
-        num_groups: GroupNorm groups, reduced to gcd(num_groups, channels).
+        num_groups: GroupNorm groups, reduced to gcd(num_groups, channels); for norm2, which the
+            embedding enters, further reduced to keep ``embed_group_channels`` channels per group.
     """
 
-    def __init__(self, in_ch, out_ch, embed_dim, dropout=0.0, num_groups=32):
+    def __init__(self, in_ch, out_ch, embed_dim, dropout=0.0, num_groups=32,
+                 embed_group_channels=EMBED_GROUP_CHANNELS):
         super().__init__()
         self.in_ch, self.out_ch = in_ch, out_ch
         self.norm1 = nn.GroupNorm(_groups(num_groups, in_ch), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(embed_dim, out_ch)
-        self.norm2 = nn.GroupNorm(_groups(num_groups, out_ch), out_ch)
+        # the embedding's shift must survive norm2's mean removal: see EMBED_GROUP_CHANNELS
+        self.norm2 = nn.GroupNorm(_groups(num_groups, out_ch, embed_group_channels), out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         if in_ch != out_ch:

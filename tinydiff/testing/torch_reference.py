@@ -155,8 +155,10 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
     sizes = [image_size // 2 ** i for i in range(len(channel_mult))]
     widths = [base_channels * m for m in channel_mult]
 
-    def gn(c):
-        return tnn.GroupNorm(math.gcd(num_groups, c), c)
+    def gn(c, min_channels=1):
+        g = math.gcd(num_groups, c)
+        g = max(d for d in range(1, g + 1) if g % d == 0 and c // d >= min(min_channels, c))
+        return tnn.GroupNorm(g, c)
 
     class ResBlock(tnn.Module):
         def __init__(self, cin, cout):
@@ -164,7 +166,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
             self.norm1 = gn(cin)
             self.conv1 = tnn.Conv2d(cin, cout, 3, padding=1)
             self.temb_proj = tnn.Linear(embed_dim, cout)
-            self.norm2 = gn(cout)
+            self.norm2 = gn(cout, 4)      # tinydiff's EMBED_GROUP_CHANNELS
             self.dropout = tnn.Dropout(dropout)
             self.conv2 = tnn.Conv2d(cout, cout, 3, padding=1)
             self.nin_shortcut = tnn.Conv2d(cin, cout, 1) if cin != cout else None
