@@ -7,7 +7,7 @@ same machine state hits both.
 - latent: the score model of ``--preset fashion-latent-cond`` (unet-latent on 2x7x7 codes),
   optionally at another width (--latent-base), plus the autoencoder's decoder for sampling.
 
-A training step is the Trainer's work on one batch of 64: the eq. 5 loss with label dropout,
+A training step is the Trainer's work on one batch of 64: the eq. 5 loss (docs/design.md) with label dropout,
 backward, the recipe's AdamW step and EMA update. The latent run's codes are encoded once per run
 and cached (docs/latent.md), so its training step does not include the encoder. Sampling one
 image is NFE score evaluations with classifier-free guidance (one batched call on 2N each, as
