@@ -99,7 +99,13 @@ def test_the_run_config_builds_its_training_noise():
     noise = E.build_training_noise(config)
     assert (noise.distribution, noise.p_mean, noise.p_std, noise.weighting) == \
         ("lognormal", -1.0, 1.2, "edm")
-    assert repr(E.build_training_noise(E.resolve_config({}))) == "TrainingNoise()"
+    # the fast recipe (the default preset's) trains on log-normal levels, unweighted; the
+    # tutorial's recipe and the conditional one on eq. 5 as written
+    fast = E.build_training_noise(E.resolve_config({}))
+    assert (fast.distribution, fast.p_mean, fast.p_std, fast.weighting) == \
+        ("lognormal", -1.2, 1.2, "none")
+    for recipe in ("reference", "cond"):
+        assert repr(E.build_training_noise(E.resolve_config({"recipe": recipe}))) == "TrainingNoise()"
 
 
 # -- pictures of long runs ------------------------------------------------------------------------
