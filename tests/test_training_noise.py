@@ -100,7 +100,7 @@ def test_the_run_config_builds_its_training_noise():
     assert (noise.distribution, noise.p_mean, noise.p_std, noise.weighting) == \
         ("lognormal", -1.0, 1.2, "edm")
     # the fast recipe (the default preset's) trains on log-normal levels, unweighted; the
-    # tutorial's recipe and the conditional one on eq. 5 as written
+    # tutorial's recipe and the conditional one on eq. 5 of docs/design.md as written
     fast = E.build_training_noise(E.resolve_config({}))
     assert (fast.distribution, fast.p_mean, fast.p_std, fast.weighting) == \
         ("lognormal", -1.2, 1.2, "none")
