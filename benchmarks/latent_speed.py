@@ -37,17 +37,21 @@ from tinydiff.backend import get_backend  # noqa: E402
 STEPS_PER_EPOCH = 938          # 60,000 Fashion-MNIST training images in batches of 64
 
 
-def build(preset, base, backend):
+def build(preset, base, backend, model=None):
+    """The preset's score model (at ``base`` channels / as configuration ``model`` if given) with
+    its recipe's optimizer, EMA and loss."""
     explicit = {"preset": preset}
     if base:
         explicit["base_channels"] = base
+    if model:
+        explicit["model"] = model
     config = E.resolve_config(explicit)
     if config.get("latent"):
         config["image_shape"] = [2, 7, 7]        # the default autoencoder's code shape
     sde = E.build_sde(config)
     model = E.build_model(config, backend.name, sde)
     opt, scheduler, ema = E.build_optimizer(model, config, STEPS_PER_EPOCH)
-    loss_fn = T.score_matching_loss(sde, use_labels=True, label_dropout=float(config["p_uncond"]),
+    loss_fn = T.score_matching_loss(sde, use_labels=bool(config["conditional"]), label_dropout=float(config["p_uncond"]),
                                     noise=E.build_training_noise(config))
     return config, sde, model, opt, ema, loss_fn
 

@@ -117,7 +117,18 @@ def test_evaluate_prints_rows_and_a_guidance_sweep(runs, root, tmp_path, capsys)
         capsys.readouterr()
         assert call("evaluate", runs["cond"], "--samples", "20", "--from-file", npz, "--data",
                     root) == 0
-    assert "cond. acc." in capsys.readouterr().out
+        test_row = capsys.readouterr().out
+        # the same images against the training images: another distance, the same floor
+        assert call("evaluate", runs["cond"], "--samples", "20", "--from-file", npz, "--data",
+                    root, "--against", "train") == 0
+        train_row = capsys.readouterr().out
+    assert "cond. acc." in test_row and "| mnist (vs train) |" in train_row
+
+    def fd_and_floor(row):
+        fd, floor = row.strip().strip("|").split("|")[6].split()
+        return float(fd), float(floor.strip("()"))
+    (fd_test, floor_a), (fd_train, floor_b) = fd_and_floor(test_row), fd_and_floor(train_row)
+    assert floor_a == floor_b and fd_test != fd_train
 
 
 def test_examples_are_thin_calls_into_the_cli():
@@ -148,6 +159,7 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--sampler", "em", "--churn", "10"], "--churn"), (["--sampler", "heun-sde", "--churn", "x"], "--churn"),
     (["--resume", "--sample-only"], "--sample-only"), (["--seed", "-1"], "--seed"),
     (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
+    (["--p-uniform", "1.5"], "--p-uniform"), (["--noise", "uniform", "--p-uniform", "0.2"], "--p-uniform"),
 ]
 
 

@@ -50,6 +50,40 @@ def test_uniform_levels_are_eq5_and_differ_from_lognormal(backend):
     assert np.mean(sde.scaled_std(t) > 0.7) > 0.5 > np.mean(sde.scaled_std(t2) > 1.0)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_mixture_with_uniform_times_follows_its_law(backend, name):
+    # --p-uniform f: each draw is uniform in t with probability f, else the clipped log-normal.
+    # The CDF of t is then f (t - eps) / (T - eps) + (1 - f) P(sigma(t') <= sigma(t)): a
+    # Kolmogorov-Smirnov test against it (continuous: the clip masses sit at eps and T, where
+    # the uniform part has no atom, so the test runs on the draws strictly inside).
+    sde, eps, n, f = make_sde(name), 1e-5, 20000, 0.3
+    noise = TrainingNoise("lognormal", p_mean=-1.2, p_std=1.2, p_uniform=f)
+    t = backend.to_host(noise.times(sde, n, backend.default_rng(3), np.float64, eps))
+    assert t.shape == (n,) and np.all(t >= eps * (1 - 1e-9)) and np.all(t <= sde.T * (1 + 1e-9))
+    law = stats.norm(-1.2, 1.2)
+    lo, hi = math.log(sde.scaled_std(eps)), math.log(sde.scaled_std(sde.T))
+
+    def cdf(v):       # of t, for eps < v < T
+        ls = np.log(sde.scaled_std(v))
+        return f * (v - eps) / (sde.T - eps) + (1 - f) * law.cdf(np.clip(ls, lo, hi))
+
+    inside = (t > eps * (1 + 1e-6)) & (t < sde.T * (1 - 1e-9))
+    c_lo, c_hi = cdf(eps * (1 + 1e-6)), cdf(sde.T * (1 - 1e-9))
+    assert stats.kstest(t[inside], lambda v: (cdf(v) - c_lo) / (c_hi - c_lo)).pvalue > 1e-3
+    # the fraction of large noise levels: the mixture's, not the log-normal's alone
+    big = np.mean(sde.scaled_std(t) > 3.0)
+    expected = f * np.mean(sde.scaled_std(np.linspace(eps, sde.T, 100001)) > 3.0) \
+        + (1 - f) * law.sf(math.log(3.0))
+    assert abs(big - expected) <= 5 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_p_uniform_zero_is_the_log_normal_bit_for_bit(backend):
+    sde = make_sde("ve")
+    a = TrainingNoise("lognormal").times(sde, 500, backend.default_rng(4), np.float32)
+    b = TrainingNoise("lognormal", p_uniform=0.0).times(sde, 500, backend.default_rng(4), np.float32)
+    assert np.array_equal(backend.to_host(a), backend.to_host(b))
+
+
 @settings(max_examples=20)
 @given(seed=st.integers(0, 2**31), name=st.sampled_from(NAMES),
        weighting=st.sampled_from(["none", "edm"]), dist=st.sampled_from(["uniform", "lognormal"]))
@@ -59,7 +93,8 @@ def test_the_weighted_loss_of_the_exact_point_mass_score_is_still_zero(backend, 
     x0_host = np.random.default_rng(seed).uniform(0, 1, (1, 1, 4, 4))
     x0 = backend.asarray(np.repeat(x0_host, 5, axis=0))
     score = point_mass_score(backend.asarray(x0_host), sde)
-    noise = TrainingNoise(dist, weighting=weighting, sigma_data=0.5)
+    noise = TrainingNoise(dist, weighting=weighting, sigma_data=0.5,
+                          p_uniform=0.5 if dist == "lognormal" else 0.0)
     loss = dsm_loss(lambda x, t: score(x, t), x0, sde, backend.default_rng(seed), noise=noise).item()
     assert 0 <= loss <= 1e-12
 
@@ -88,6 +123,8 @@ def test_edm_weight_is_one_plus_sigma_squared_over_sigma_data_squared(backend):
     (dict(p_std=0.0), "p_std > 0"),
     (dict(p_mean=float("nan")), "finite p_mean"),
     (dict(sigma_data=-1.0), "sigma_data"),
+    (dict(distribution="lognormal", p_uniform=1.5), "p_uniform is a fraction"),
+    (dict(p_uniform=0.2), "needs the lognormal"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -95,10 +132,11 @@ def test_bad_settings_are_refused(kwargs, match):
 
 
 def test_the_run_config_builds_its_training_noise():
-    config = E.resolve_config({"noise": "lognormal", "p_mean": -1.0, "loss_weight": "edm"})
+    config = E.resolve_config({"noise": "lognormal", "p_mean": -1.0, "loss_weight": "edm",
+                               "p_uniform": 0.25})
     noise = E.build_training_noise(config)
-    assert (noise.distribution, noise.p_mean, noise.p_std, noise.weighting) == \
-        ("lognormal", -1.0, 1.2, "edm")
+    assert (noise.distribution, noise.p_mean, noise.p_std, noise.weighting, noise.p_uniform) == \
+        ("lognormal", -1.0, 1.2, "edm", 0.25)
     # the fast recipe (the default preset's) trains on log-normal levels, unweighted; the
     # tutorial's recipe and the conditional one on eq. 5 of docs/design.md as written
     fast = E.build_training_noise(E.resolve_config({}))

@@ -119,6 +119,9 @@ def add_train_arguments(p, preset=None):
         "(eq. 5 of docs/design.md) or lognormal sigma, ln sigma ~ N(--p-mean, --p-std^2) (Karras et al.)")
     opt("--p-mean", type=A.finite_float, help="mean of ln sigma of --noise lognormal")
     opt("--p-std", type=A.positive_float, help="std of ln sigma of --noise lognormal")
+    opt("--p-uniform", type=A.unit_interval, help="--noise lognormal: the fraction of training "
+        "draws taken uniformly in t instead (a mixture that also trains the largest noise "
+        "levels; default 0)")
     opt("--loss-weight", choices=["none", "edm"], help="per-noise-level loss weight: none "
         "(eq. 5, docs/design.md) or edm, 1 + sigma^2 / sigma_data^2 (Karras et al.'s lambda)")
     opt("--sigma-data", type=A.positive_float, help="the data's std in --loss-weight edm")
@@ -238,6 +241,9 @@ def add_evaluate_arguments(p):
     p.add_argument("--data", type=A.existing_dir, help="folder holding the data sets")
     p.add_argument("--ceilings", action="store_true", help="also print test vs blurred test and "
                    "test vs noise")
+    p.add_argument("--against", choices=["test", "train"], default="test", help="the real images "
+                   "the Fréchet distance compares with: the test split (default) or the training "
+                   "images (the floor, train against test, stays the same)")
     p.add_argument("--header", action="store_true", help="print the table header first")
     p.add_argument("--save", type=A.out_file(".npz"), help="also write the drawn images here")
     p.add_argument("--plot", type=A.out_file(".png"), help="the plot of a sweep (default "

@@ -278,11 +278,15 @@ def _check_train_config(config):
             raise UsageError(f"{' and '.join(given)} apply to --dataset folder:PATH only; "
                              f"{config['dataset']} images are {E.IMAGE_SHAPE[config['dataset']]}")
     _sampler_options(config["sampler"], config.get("churn"))
+    _check_sampler(config["sampler"], config["sde"], "--sde")
+    if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
+        raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its loss "
+                         "on the host before the update")
+    try:
+        E.build_training_noise(config)
+    except ValueError as e:                   # e.g. --p-uniform without --noise lognormal
+        raise UsageError(f"{e} (--noise, --p-mean, --p-std, --p-uniform, --loss-weight)") from None
     if config["model"] != "scorenet":
-        _check_sampler(config["sampler"], config["sde"], "--sde")
-        if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
-            raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its "
-                             "loss on the host before the update")
         return
     bad = [a for a in config["attention"] if a not in (26, 12, 5, 2)]
     if bad:
@@ -293,10 +297,6 @@ def _check_train_config(config):
                          f"{','.join(map(str, config['channels']))}")
     if int(config["embed_dim"]) % 2:
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
-    _check_sampler(config["sampler"], config["sde"], "--sde")
-    if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
-        raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its loss "
-                         "on the host before the update")
 
 
 def _sampler_options(sampler, churn):
@@ -506,6 +506,9 @@ def evaluate(args, parser):
         test_x, _ = data.load_dataset(dataset, "test", root=args.data, verbose=False)
     n, seed = args.samples, args.seed
     floor = metrics.frechet_classifier_distance(train_x, test_x, classifier, n, seed)
+    real_x = train_x if args.against == "train" else test_x
+    if args.against == "train":
+        dataset = f"{dataset} (vs train)"
     sde = {"ve": "VE", "vp": "VP", "subvp": "sub-VP"}.get(run.sde.name, run.sde.name)
     name = (f"{E.model_title(run.config)} {'cond.' if cond else 'uncond.'} {sde} "
             f"{os.path.basename(os.path.dirname(run.path))} (epoch {run.state['epoch']})")
@@ -514,7 +517,7 @@ def evaluate(args, parser):
     rows = []
     for sampler, num_steps in settings:
         for w in ws:
-            row = _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, floor,
+            row = _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor,
                                 backend, first=not rows)
             row.update(sampler=sampler, steps=num_steps)
             seconds = row["seconds"]
@@ -589,9 +592,10 @@ def _evaluate_autoencoder(args):
     return 0
 
 
-def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, floor, backend,
+def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor, backend,
                   first):
-    """Draw (or read) one set of images and score it: a dict with fd, classes, bpd, nfe, ..."""
+    """Draw (or read) one set of images and score it against ``real_x`` (the test or training
+    images, --against): a dict with fd, classes, bpd, nfe, ..."""
     from . import metrics
     n, seed = args.samples, args.seed
     if args.from_file:
@@ -607,7 +611,7 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, test_x, fl
         if args.save:
             save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
                      guidance=np.nan if w is None else w)
-    fd = metrics.frechet_classifier_distance(images, test_x, classifier, n, seed)
+    fd = metrics.frechet_classifier_distance(images, real_x, classifier, n, seed)
     row = {"guidance": w, "fd": fd, "floor": floor, "nfe": info.get("nfe", 0),
            "seconds": info.get("seconds", float("nan")), "accuracy": None, "bpd": "–"}
     if cond:

@@ -95,7 +95,7 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
                 cosine_epochs=None, sampler="em", sample_steps=500, churn=None, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
-                show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, loss_weight="none",
+                show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, p_uniform=0.0, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
                 on_bad_file="error", num_classes=None, image_shape=None,
                 # latent diffusion: the autoencoder's settings, and the run a latent model uses
@@ -326,7 +326,8 @@ def build_training_noise(config):
     """The run's TrainingNoise (tinydiff.sde): which noise levels the loss draws, how each counts."""
     from .sde import TrainingNoise
     return TrainingNoise(config["noise"], float(config["p_mean"]), float(config["p_std"]),
-                         config["loss_weight"], float(config["sigma_data"]))
+                         config["loss_weight"], float(config["sigma_data"]),
+                         float(config.get("p_uniform") or 0.0))
 
 
 def grid_labels(config):

@@ -500,6 +500,10 @@ class TrainingNoise:
             Under the VE SDE of eq. 1 uniform times put most draws at sigma far above the
             data's scale (half of them above sigma = 0.7 for sigma_max = 25); the log-normal
             puts them where samples are decided.
+    ``p_uniform`` (log-normal only): the fraction of draws taken uniformly in t instead, a
+        mixture: the log-normal alone almost never trains near sigma(T), where every sample
+        starts (P(sigma > 3) is 3 % for N(-1.2, 1.2^2)), and a sample that goes wrong there does
+        not recover (docs/training.md).
     ``weighting``:
         "none": each draw's residual || s std + z ||^2 counts the same (lambda(t) = std(t)^2).
         "edm": multiplied by (sigma^2 + sigma_data^2) / sigma_data^2, which makes the loss
@@ -511,7 +515,7 @@ class TrainingNoise:
     """
 
     def __init__(self, distribution="uniform", p_mean=-1.2, p_std=1.2, weighting="none",
-                 sigma_data=0.5):
+                 sigma_data=0.5, p_uniform=0.0):
         if distribution not in NOISE_DISTRIBUTIONS:
             raise ValueError(f"noise distribution must be one of {', '.join(NOISE_DISTRIBUTIONS)}, "
                              f"got {distribution!r}")
@@ -523,8 +527,14 @@ class TrainingNoise:
                              f"{p_std}")
         if not (math.isfinite(sigma_data) and sigma_data > 0):
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        if not 0.0 <= p_uniform <= 1.0:
+            raise ValueError(f"p_uniform is a fraction of the draws in [0, 1], got {p_uniform}")
+        if p_uniform > 0 and distribution != "lognormal":
+            raise ValueError("p_uniform mixes uniform times into the log-normal: it needs the "
+                             f"lognormal distribution, not {distribution!r}")
         self.distribution, self.weighting = distribution, weighting
         self.p_mean, self.p_std, self.sigma_data = float(p_mean), float(p_std), float(sigma_data)
+        self.p_uniform = float(p_uniform)
 
     def times(self, sde, n, rng, dtype, eps=1e-5):
         """n training times on rng's backend (no host round trip)."""
@@ -533,7 +543,11 @@ class TrainingNoise:
         xp = rng.backend.xp
         lo, hi = (math.log(float(sde.scaled_std(s))) for s in (eps, sde.T))
         log_sigma = xp.clip(rng.normal((n,), mean=self.p_mean, std=self.p_std, dtype=dtype), lo, hi)
-        return sde.time_of_scaled_std(xp.exp(log_sigma)).astype(dtype, copy=False)
+        t = sde.time_of_scaled_std(xp.exp(log_sigma)).astype(dtype, copy=False)
+        if self.p_uniform > 0:       # the mixture: each draw uniform in t with prob. p_uniform
+            uniform = rng.uniform((n,), low=eps, high=sde.T, dtype=dtype)
+            t = xp.where(rng.uniform((n,), dtype=dtype) < self.p_uniform, uniform, t)
+        return t
 
     def weights(self, sde, t):
         """Per-sample loss weights (N,) or None for unweighted."""
@@ -545,8 +559,9 @@ class TrainingNoise:
     def __repr__(self):
         if self.distribution == "uniform" and self.weighting == "none":
             return "TrainingNoise()"
+        mix = f", p_uniform={self.p_uniform:g}" if self.p_uniform else ""
         return (f"TrainingNoise({self.distribution!r}, p_mean={self.p_mean:g}, p_std={self.p_std:g}, "
-                f"weighting={self.weighting!r}, sigma_data={self.sigma_data:g})")
+                f"weighting={self.weighting!r}, sigma_data={self.sigma_data:g}{mix})")
 
 
 def dsm_loss(model, x0, sde, rng=None, eps=1e-5, labels=None, t=None, z=None, noise=None):
