@@ -178,9 +178,22 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=None,
                     help="Trainer(log_every=N) where the Trainer has it (default: its default)")
     ap.add_argument("--kinds", type=int, default=0, help="also print the N most frequent kinds")
+    ap.add_argument("--fused", choices=["off", "on", "both"], default="both",
+                    help="the fused kernels (TINYDIFF_FUSED; group norm, col2im, Adam, EMA): count "
+                    "with them off (the default of the library), on, or both (default)")
     args = ap.parse_args(argv)
+    from tinydiff.optim import fused
     print(f"tinydiff {td.__version__}: launches, syncs and uploads counted by the strict CuPy "
           "stand-in (no GPU involved)")
+    for switch in (["off", "on"] if args.fused == "both" else [args.fused]):
+        fused.ENABLED = switch == "on"
+        print(f"\n== fused kernels {switch}" + (" (each counted as one launch; none has run on a "
+                                                 "GPU yet, so the library keeps them off)"
+                                                 if switch == "on" else " (the default)"))
+        _report_all(args)
+
+
+def _report_all(args):
     for name in (["scorenet", "cond"] if args.model == "both" else [args.model]):
         report(name, args.batch, args.steps, args.kinds, args.log_every)
 

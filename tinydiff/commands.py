@@ -382,11 +382,11 @@ def sample(args, parser):
     _say(f"{n} samples ({args.sampler}, NFE {info['nfe']}{what}) in {info['seconds']:.1f} s: "
          f"{out}, {grid}")
     if args.trajectory:
-        _save_trajectories(args, run, labels, guidance if cond else 0.0, nrow)
+        _save_trajectories(args, run, labels, guidance if cond else 0.0, options)
     return 0
 
 
-def _save_trajectories(args, run, labels, guidance, nrow):
+def _save_trajectories(args, run, labels, guidance, options):
     """--trajectory FILE.gif: the first few images of the same draw followed from noise to data
     (FILE.gif, FILE.png strip), and as many test images noised along eq. 1 of docs/design.md at the same times
     (FILE_forward.gif / .png)."""
@@ -398,7 +398,7 @@ def _save_trajectories(args, run, labels, guidance, nrow):
     rec = TR.Recorder(steps, args.frames)
     E.draw_samples(run.model, run.sde, k, args.sampler, args.steps, args.seed, k, labels,
                    guidance, args.rtol, shape=E.sample_shape(run.config), callback=rec,
-                   options=_sampler_options(args.sampler, args.churn))
+                   options=options)
     frames, times = rec.thinned()
     base = args.trajectory[:-4]
     TR.save_gif(frames, args.trajectory, times, run.sde)

@@ -72,9 +72,11 @@ def _gather(windows, lo, hi):
     xp = backend_of(windows).xp
     G, _, OH, OW, KH, KW, Cg = windows.shape
     b = xp.empty((G, hi - lo) + windows.shape[2:], dtype=windows.dtype)
-    if Cg * windows.itemsize >= 64:
-        b[...] = windows[:, lo:hi]          # runs of >= 64 contiguous bytes: one copy
-    else:                                   # few channels: one copy per tap, rows as inner loop
+    if Cg * windows.itemsize >= 64 or type(windows) is not np.ndarray:
+        # runs of >= 64 contiguous bytes, or a GPU (one strided-copy kernel whatever the
+        # strides: a launch per tap would cost more than the copy): one copy
+        b[...] = windows[:, lo:hi]
+    else:                                   # NumPy, few channels: one copy per tap, rows inner
         for ki in range(KH):
             for kj in range(KW):
                 b[:, :, :, :, ki, kj] = windows[:, lo:hi, :, :, ki, kj]
@@ -83,7 +85,19 @@ def _gather(windows, lo, hi):
 
 def _scatter(cols, out, in_hw, kernel, stride, dilation):
     """col2im, the adjoint of ``_gather``: out (n, BH, BW, G, C_g) = the sum of the rows of cols
-    (G, n*IH*IW, KH*KW*C_g) at their patch positions ((i, j), (ki, kj) -> i*sh + ki*dh, ...)."""
+    (G, n*IH*IW, KH*KW*C_g) at their patch positions ((i, j), (ki, kj) -> i*sh + ki*dh, ...).
+    The plain array version below; with TINYDIFF_FUSED=1 on a GPU one kernel (_fused_conv.py)."""
+    from . import _fused_conv, _fused_norm
+    how = _fused_norm.mode(out)
+    if how is None:
+        _scatter_reference(cols, out, in_hw, kernel, stride, dilation)
+    else:
+        _fused_conv.col2im(how, cols, out, in_hw, kernel, stride, dilation,
+                           lambda: _scatter_reference(cols, out, in_hw, kernel, stride, dilation))
+
+
+def _scatter_reference(cols, out, in_hw, kernel, stride, dilation):
+    """col2im in plain array code: a zero fill (or two strips of it) and one add per tap."""
     n, G, Cg = out.shape[0], out.shape[3], out.shape[4]
     (IH, IW), (KH, KW), (sh, sw), (dh, dw) = in_hw, kernel, stride, dilation
     c = cols.reshape(G, n, IH, IW, KH, KW, Cg).transpose(1, 2, 3, 4, 5, 0, 6)   # a view

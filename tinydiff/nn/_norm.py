@@ -75,6 +75,87 @@ def _backward_coefficients(sum_d, sum_dx, rstd, shift_minus_mu, gamma, groups, S
 POOL_MIN_ELEMENTS = 400_000   # smaller maps: per-chunk statistics cost more than a second thread saves
 
 
+# The four stages of the op, in plain array code: the reference. NumPy runs them chunk by chunk
+# (statistics, then output, per chunk of samples); with TINYDIFF_FUSED=1 a GPU runs each stage as
+# one kernel of _fused_norm.py, and the strict stand-in runs these functions counted as one launch
+# each (so a launch count shows what the kernels would cost).
+
+def _forward_statistics(vs, sq, shift, gamma, beta, G, S, eps, scale):
+    """Stage 1: moments and coefficients of samples vs (n, S, C) (sq: scratch of vs's shape).
+    Returns a, b ((n, 1, C), already times ``scale``), rstd (n, G, 1), shift - mu (n, G, C/G)
+    and the channel sums s1 (n, C)."""
+    xp = backend_of(vs).xp
+    dt, (n, _, C) = vs.dtype, vs.shape
+    ones = xp.ones((1, 1, S), dtype=dt)
+    # moments of x - x[first position], per channel: a value of the channel itself, so the sums
+    # of squares do not cancel catastrophically when |mean| >> std
+    first = vs[:, :1, :]
+    xp.subtract(vs, first, out=sq)
+    c1 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
+    sq *= sq
+    c2 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
+    first = first[:, 0, :].astype(dt, copy=False)
+    mean_c = first + c1 * (1.0 / S)
+    within = xp.maximum(c2 - c1 * c1 * (1.0 / S), 0.0)
+    a, b, r, m = _moments_to_affine(mean_c, within, shift, gamma, beta, G, S, eps)
+    a = (a * scale).reshape(n, 1, C).astype(dt, copy=False)
+    b = (b * scale).reshape(n, 1, C).astype(dt, copy=False)
+    return a, b, r, m, mean_c * S
+
+
+def _forward_output(vs, a, b, sq, os_, ds, silu):
+    """Stage 2: os_ = [silu](vs a + b) (a, b already halved for silu, which works on u = y/2),
+    and ds = 2 silu'(y) = 1 + t + u (1 - t^2) when ds is given; sq is scratch."""
+    xp = backend_of(vs).xp
+    if not silu:
+        xp.multiply(vs, a, out=os_)
+        os_ += b
+        return
+    u = xp.multiply(vs, a, out=sq)
+    u += b
+    t = xp.tanh(u, out=os_)                                # t in the output buffer first
+    if ds is not None:
+        xp.multiply(t, t, out=ds)
+        xp.subtract(1, ds, out=ds)
+        ds *= u
+        ds += t
+        ds += 1
+    t *= u                                                 # silu(y) = u + u t
+    t += u
+
+
+def _backward_statistics(gs, dss, vs, ps, d, rstd, smm, s1, gamma, G, S, half, has_shift):
+    """Stage 3: from the output gradient gs (n, S, C) (and dss = 2 silu', or None), leave
+    d = 2 dL/dy (silu) or dL/dy in d and return P, Q, R (n, G, C/G) of dx = dL/dy P + x Q + R, the
+    channel sums of dL/dy (n, C), sum_s dL/dy xhat (n, G, C/G) and dL/dshift (n, C) or None;
+    ps is scratch."""
+    xp = backend_of(gs).xp
+    dt, (n, _, C) = vs.dtype, vs.shape
+    ones = xp.ones((1, 1, S), dtype=dt)
+    if dss is not None:
+        xp.multiply(gs, dss, out=d)
+    else:
+        d[...] = gs
+    xp.multiply(d, vs, out=ps)
+    a = xp.matmul(ones, d)[:, 0].astype(dt, copy=False) * half
+    b = xp.matmul(ones, ps)[:, 0].astype(dt, copy=False) * half
+    p, q, r, w = _backward_coefficients(a, b, rstd, smm, gamma, G, S)
+    gshift = None
+    if has_shift:               # sum_s dx = P a + Q S1 + R S: no pass over the map
+        gshift = (p * _per_group(a, G) + q * _per_group(s1, G) + r * S).reshape(n, C)
+    return p, q, r, a, w, gshift
+
+
+def _backward_output(vs, d, ps, p, q, r, half):
+    """Stage 4: dx = dL/dy P + x Q + R into d (which holds 2 dL/dy or dL/dy); ps is scratch."""
+    xp = backend_of(vs).xp
+    dt, (n, _, C) = vs.dtype, vs.shape
+    d *= (p * half).reshape(n, 1, C).astype(dt, copy=False)
+    xp.multiply(vs, q.reshape(n, 1, C).astype(dt, copy=False), out=ps)
+    d += ps
+    d += r.reshape(n, 1, C).astype(dt, copy=False)
+
+
 class GroupNormActFn(Function):
     """[silu](group_norm(x + shift[:, :, None, None])) in one op; shift (N, C) optional, weight and
     bias (C,) together or not at all. GroupNorm alone is the same op with ``silu=False``.
@@ -100,11 +181,13 @@ class GroupNormActFn(Function):
     means of dxhat and dxhat * xhat; dshift = sum_s dx = P a + Q S1 + R S needs no pass at all.
 
     The statistics are per sample, so on NumPy each chunk of samples is finished (moments,
-    coefficients, output) independently, and the chunks run on the thread pool.
+    coefficients, output) independently, and the chunks run on the thread pool. The four stages
+    (statistics and output, forward and backward) are the functions above.
     """
 
     @pooled
     def forward(self, x, *rest, num_groups, eps, has_shift, silu):
+        from . import _fused_norm
         xp = backend_of(x).xp
         N, C = x.shape[:2]
         G, dt = num_groups, x.dtype
@@ -112,93 +195,69 @@ class GroupNormActFn(Function):
         shift = None if shift is None else shift.astype(dt, copy=False)
         v = _rows(x)                                           # (N, S, C)
         S = v.shape[1]
-        gamma = (affine[0].astype(dt, copy=False) if affine else xp.ones((C,), dtype=dt)).reshape(1, G, C // G)
+        weight = affine[0].astype(dt, copy=False) if affine else None
+        gamma = (weight if affine else xp.ones((C,), dtype=dt)).reshape(1, G, C // G)
         beta = affine[1].astype(dt, copy=False).reshape(1, G, C // G) if affine else 0.0
-        ones = xp.ones((1, 1, S), dtype=dt)
         need_grad = is_grad_enabled() and any(self.needs_grad)
         out_full, out = _new_rows(x)
         scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then u = y/2
         dsilu = xp.empty(v.shape, dtype=dt) if (silu and need_grad) else None
-        s1 = xp.empty((N, C), dtype=dt)
-        rstd = xp.empty((N, G, 1), dtype=dt)
-        smm = xp.empty((N, G, C // G), dtype=dt)
         scale = 0.5 if silu else 1.0                           # silu works on u = y/2
+        how = _fused_norm.mode(x)
+        if how is None:
+            s1 = xp.empty((N, C), dtype=dt)
+            rstd = xp.empty((N, G, 1), dtype=dt)
+            smm = xp.empty((N, G, C // G), dtype=dt)
 
-        def chunk(lo, hi):
-            vs, sq, os_ = v[lo:hi], scratch[lo:hi], out[lo:hi]
-            # moments of x - x[first position], per channel: a value of the channel itself, so
-            # the sums of squares do not cancel catastrophically when |mean| >> std
-            first = vs[:, :1, :]
-            xp.subtract(vs, first, out=sq)
-            c1 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
-            sq *= sq
-            c2 = xp.matmul(ones, sq)[:, 0].astype(dt, copy=False)
-            first = first[:, 0, :].astype(dt, copy=False)
-            mean_c = first + c1 * (1.0 / S)
-            within = xp.maximum(c2 - c1 * c1 * (1.0 / S), 0.0)
-            a, b, r, m = _moments_to_affine(mean_c, within, None if shift is None else shift[lo:hi],
-                                            gamma, beta, G, S, eps)
-            s1[lo:hi], rstd[lo:hi], smm[lo:hi] = mean_c * S, r, m
-            a = (a * scale).reshape(hi - lo, 1, C).astype(dt, copy=False)
-            b = (b * scale).reshape(hi - lo, 1, C).astype(dt, copy=False)
-            if not silu:
-                xp.multiply(vs, a, out=os_)
-                os_ += b
-                return
-            u = xp.multiply(vs, a, out=sq)
-            u += b
-            t = xp.tanh(u, out=os_)                            # t in the output buffer first
-            if dsilu is not None:                              # 2 silu'(y) = 1 + t + u (1 - t^2)
-                d = xp.multiply(t, t, out=dsilu[lo:hi])
-                xp.subtract(1, d, out=d)
-                d *= u
-                d += t
-                d += 1
-            t *= u                                             # silu(y) = u + u t
-            t += u
-        for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
+            def chunk(lo, hi):
+                a, b, r, m, s = _forward_statistics(v[lo:hi], scratch[lo:hi],
+                                                    None if shift is None else shift[lo:hi],
+                                                    gamma, beta, G, S, eps, scale)
+                s1[lo:hi], rstd[lo:hi], smm[lo:hi] = s, r, m
+                _forward_output(v[lo:hi], a, b, scratch[lo:hi], out[lo:hi],
+                                None if dsilu is None else dsilu[lo:hi], silu)
+            for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
+        else:
+            a, b, rstd, smm, s1 = _fused_norm.forward(
+                how, v, scratch, out, dsilu, shift, weight,
+                affine[1].astype(dt, copy=False) if affine else None, gamma, beta, G, S, eps,
+                scale, silu)
         if need_grad:
             self.saved = (x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, bool(affine), silu)
         return out_full
 
     @pooled
     def backward(self, g):
+        from . import _fused_norm
         xp = backend_of(g).xp
         x, dsilu, rstd, smm, s1, gamma, G, S, has_shift, has_affine, silu = self.saved
         N, C = x.shape[:2]
         dt = x.dtype
         v, gv = _rows(x), _rows(g)
-        ones = xp.ones((1, 1, S), dtype=dt)
         gx_full, gx = _new_rows(x)
         prod = xp.empty(v.shape, dtype=dt)
         half = 0.5 if silu else 1.0
-        sum_d = xp.empty((N, C), dtype=dt)
-        wterm = xp.empty((N, G, C // G), dtype=dt)
-        p_all, q_all, r_all = (xp.empty((N, G, C // G), dtype=dt) for _ in range(3))
+        how = _fused_norm.mode(x)
+        if how is None:
+            sum_d = xp.empty((N, C), dtype=dt)
+            wterm = xp.empty((N, G, C // G), dtype=dt)
+            gshift = xp.empty((N, C), dtype=dt) if has_shift else None
 
-        def chunk(lo, hi):
-            d, ps = gx[lo:hi], prod[lo:hi]                     # d: 2 dL/dy (silu) or dL/dy
-            if silu:
-                xp.multiply(gv[lo:hi], dsilu[lo:hi], out=d)
-            else:
-                d[...] = gv[lo:hi]
-            xp.multiply(d, v[lo:hi], out=ps)
-            a = xp.matmul(ones, d)[:, 0].astype(dt, copy=False) * half
-            b = xp.matmul(ones, ps)[:, 0].astype(dt, copy=False) * half
-            p, q, r, w = _backward_coefficients(a, b, rstd[lo:hi], smm[lo:hi], gamma, G, S)
-            sum_d[lo:hi], wterm[lo:hi] = a, w
-            p_all[lo:hi], q_all[lo:hi], r_all[lo:hi] = p, q, r
-            n = hi - lo
-            d *= (p * half).reshape(n, 1, C).astype(dt, copy=False)        # dx = dL/dy P + x Q + R, in place
-            xp.multiply(v[lo:hi], q.reshape(n, 1, C).astype(dt, copy=False), out=ps)
-            d += ps
-            d += r.reshape(n, 1, C).astype(dt, copy=False)
-        for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
+            def chunk(lo, hi):
+                p, q, r, a, w, gs = _backward_statistics(
+                    gv[lo:hi], None if dsilu is None else dsilu[lo:hi], v[lo:hi], prod[lo:hi],
+                    gx[lo:hi], rstd[lo:hi], smm[lo:hi], s1[lo:hi], gamma, G, S, half, has_shift)
+                sum_d[lo:hi], wterm[lo:hi] = a, w
+                if has_shift:
+                    gshift[lo:hi] = gs
+                _backward_output(v[lo:hi], gx[lo:hi], prod[lo:hi], p, q, r, half)
+            for_batch_chunks(chunk, v, min_size=POOL_MIN_ELEMENTS)
+        else:
+            sum_d, wterm, gshift = _fused_norm.backward(how, gv, dsilu, v, prod, gx, rstd, smm,
+                                                        s1, gamma, G, S, half, has_shift, has_affine)
 
         grads = [gx_full]
         if has_shift:
-            a_c = _per_group(sum_d, G)
-            gshift = (p_all * a_c + q_all * _per_group(s1, G) + r_all * S).reshape(N, C)
             grads.append(gshift.astype(dt, copy=False) if self.needs_grad[1] else None)
         if has_affine:
             k = 2 if has_shift else 1
