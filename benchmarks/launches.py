@@ -21,7 +21,9 @@ What is counted, per model:
 Models: the reference ScoreNet with the "fast" recipe (Adam, EMA with warm-up, no clipping: the
 norm is still computed and logged) and the class-conditional ScoreNet of the mnist-cond preset
 (attention at 5x5 and 2x2, 10 classes, label dropout 0.1) with its "cond" recipe (AdamW, EMA,
-clipping at 1.0).
+clipping at 1.0); with --model unets (or all) also the U-Nets of the fashion-mnist-cond and
+cifar10-cond presets (at 16 base channels, as they are run on a CPU) and of fashion-latent-cond,
+each with its preset's recipe.
 """
 from __future__ import annotations
 
@@ -42,6 +44,41 @@ from tinydiff.sde import VESDE  # noqa: E402
 from tinydiff.testing import strict_cupy  # noqa: E402
 
 COND = dict(num_classes=10, attention=(5, 2), num_heads=4)
+
+
+# the U-Nets, as their presets build them (model, recipe, training noise): --model PRESET
+PRESET_MODELS = ("fashion-mnist-cond", "cifar10-cond", "fashion-latent-cond")
+
+
+def build_preset(preset, batch, log_every):
+    """A Trainer on the strict backend for a preset's score model with its recipe, and batches."""
+    from tinydiff import experiments as E
+    config = E.resolve_config({"preset": preset, "base_channels": 16} if preset != "fashion-latent-cond"
+                              else {"preset": preset})
+    if config.get("latent"):
+        config["image_shape"] = [2, 7, 7]
+    sde = E.build_sde(config)
+    model = E.build_model(config, "strict", sde)
+    steps = 1000
+    opt, sched, ema = E.build_optimizer(model, config, steps)
+    shape = E.sample_shape(config)
+    rng = np.random.default_rng(0)
+    if config.get("latent"):         # the cached codes are float32
+        images = rng.standard_normal((32 * batch, *shape)).astype(np.float32)
+    else:
+        images = rng.integers(0, 256, (32 * batch, *shape), dtype=np.uint8)
+    labels = rng.integers(0, 10, 32 * batch).astype(np.int64)
+    loss_fn = train.score_matching_loss(sde, use_labels=True, label_dropout=float(config["p_uncond"]),
+                                        noise=E.build_training_noise(config))
+    extra = {"log_every": log_every} if log_every is not None else {}
+    trainer = train.Trainer(model, opt, loss_fn, images, labels, out_dir=tempfile.mkdtemp(),
+                            epochs=1, batch_size=batch, seed=0, ema=ema, scheduler=sched,
+                            clip_grad=config["clip"], progress=False, **extra)
+    batches = data.batches(images, batch, rng=np.random.default_rng(1), backend="strict",
+                           labels=labels)
+    title = (f"{E.model_title(config)} of --preset {preset}"
+             f"{' (base 16)' if not config.get('latent') else ''}, recipe {config['recipe']}")
+    return sde, trainer, batches, tuple(shape), title
 
 
 def build(model_name, batch, log_every):
@@ -119,8 +156,8 @@ def next_batch(batches, trainer):
         raise SystemExit("ran out of batches") from None
 
 
-def sampling_counts(sde, model, cond, batch):
-    shape = (batch, 1, 28, 28)
+def sampling_counts(sde, model, cond, batch, image_shape=(1, 28, 28)):
+    shape = (batch, *image_shape)
     y = trainer_labels = None
     if cond:
         trainer_labels = strict_cupy.asarray(np.arange(batch) % 10)
@@ -138,9 +175,13 @@ def sampling_counts(sde, model, cond, batch):
 
 
 def report(model_name, batch, steps, kinds, log_every):
-    sde, trainer, batches = build(model_name, batch, log_every)
-    title = ("ScoreNet (reference), fast recipe: Adam, EMA" if model_name == "scorenet" else
-             "conditional ScoreNet (attention (5, 2), 10 classes), cond recipe: AdamW, EMA, clip 1.0")
+    if model_name in PRESET_MODELS:
+        sde, trainer, batches, image_shape, title = build_preset(model_name, batch, log_every)
+    else:
+        sde, trainer, batches = build(model_name, batch, log_every)
+        image_shape = (1, 28, 28)
+        title = ("ScoreNet (reference), fast recipe: Adam, EMA" if model_name == "scorenet" else
+                 "conditional ScoreNet (attention (5, 2), 10 classes), cond recipe: AdamW, EMA, clip 1.0")
     n_params = len(list(trainer.model.parameters()))
     print(f"\n{title}; {trainer.model.num_parameters():,} parameters in {n_params} arrays, batch {batch}")
     c_batch, _ = count(lambda: next(batches))
@@ -158,8 +199,9 @@ def report(model_name, batch, steps, kinds, log_every):
           f" {whole.syncs / steps:7.2f} {whole.uploads / steps:8.1f}   (log_every={le})")
     print(f"{'data batch (data.batches)':44s} {c_batch.launches:9d} {c_batch.syncs:7d} "
           f"{c_batch.uploads:8d}")
-    launches, syncs, uploads, run = sampling_counts(sde, trainer.model, model_name == "cond", batch)
-    what = "Euler-Maruyama step" + (" (guidance w = 2: one forward of 2N)" if model_name == "cond" else "")
+    cond = model_name != "scorenet"
+    launches, syncs, uploads, run = sampling_counts(sde, trainer.model, cond, batch, image_shape)
+    what = "Euler-Maruyama step" + (" (guidance w = 2: one forward of 2N)" if cond else "")
     print(f"{what:44s} {launches:9d} {syncs:7d} {uploads:8d}")
     if kinds:
         _, ph = training_counts(trainer, batches, 1)
@@ -172,7 +214,9 @@ def report(model_name, batch, steps, kinds, log_every):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["scorenet", "cond", "both"], default="both")
+    ap.add_argument("--model", choices=["scorenet", "cond", "both", "unets", "all", *PRESET_MODELS],
+                    default="both", help="both: the two ScoreNets; unets: the U-Nets of the "
+                    "presets (pixel ones at base 16); all: every model")
     ap.add_argument("--batch", type=int, default=8, help="batch size (counts do not depend on it)")
     ap.add_argument("--steps", type=int, default=10, help="training steps averaged")
     ap.add_argument("--log-every", type=int, default=None,
@@ -194,7 +238,9 @@ def main(argv=None):
 
 
 def _report_all(args):
-    for name in (["scorenet", "cond"] if args.model == "both" else [args.model]):
+    groups = {"both": ["scorenet", "cond"], "unets": list(PRESET_MODELS),
+              "all": ["scorenet", "cond", *PRESET_MODELS]}
+    for name in groups.get(args.model, [args.model]):
         report(name, args.batch, args.steps, args.kinds, args.log_every)
 
 
