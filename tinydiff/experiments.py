@@ -43,7 +43,7 @@ RECIPES = {
 # The U-Net recipe: the report's CIFAR recipe (AdamW, cosine annealing then a constant rate, its
 # answer to a loss that exploded after ~40 epochs) with warm-up, clipping and the ramped EMA; a
 # lower peak rate than the ScoreNet's, as residual U-Nets are usually trained.
-RECIPES["unet"] = dict(RECIPES["cond"], lr=1e-3, epochs=3)
+RECIPES["unet"] = dict(RECIPES["cond"], lr=1e-3, epochs=2)
 # Latent diffusion (docs/latent.md). The autoencoder: plain Adam with a short warm-up and clipping,
 # no EMA (its weights are used as saved, also to measure the latent scale), 2 epochs. The latent
 # U-Net: the U-Net recipe over 4 epochs (an epoch of 7x7 codes costs an eighth of a pixel epoch;
@@ -53,6 +53,8 @@ RECIPES["ae"] = dict(optimizer="adam", lr=2e-3, batch_size=64, epochs=2, warmup=
                      clip=1.0)
 RECIPES["latent"] = dict(RECIPES["unet"], epochs=4)
 
+_CPU_UNET = dict(base_channels=16, sampler="heun-sde", sample_steps=25)
+
 # What to train. Sizes of the attention blocks refer to the model's feature maps: the ScoreNet's
 # 26/12/5/2, a U-Net's resolutions (28/14/7 for unet-28s, 32/16/8/4 for the 32 px ones).
 PRESETS = {
@@ -60,14 +62,20 @@ PRESETS = {
                   out="runs/mnist_uncond"),
     "mnist-cond": dict(dataset="mnist", conditional=True, attention=[5, 2], recipe="cond",
                        out="runs/mnist_cond"),
+    # the U-Nets at half width, with the unet recipe's 2 epochs a run of about 30 minutes on 2
+    # cores (README, the U-Net table); grids with 25 steps of the stochastic Heun sampler (49
+    # evaluations)
     "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, model="unet-28s",
-                          attention=[7], recipe="unet", show_real=True, out="runs/fashion_uncond"),
+                          attention=[7], recipe="unet", show_real=True, **_CPU_UNET,
+                          out="runs/fashion_uncond"),
     "fashion-mnist-cond": dict(dataset="fashion-mnist", conditional=True, model="unet-28s",
-                               attention=[7], recipe="unet", show_real=True, out="runs/fashion_cond"),
+                               attention=[7], recipe="unet", show_real=True, **_CPU_UNET,
+                               out="runs/fashion_cond"),
     "cifar10": dict(dataset="cifar-10", conditional=False, model="unet-32s", attention=[8],
-                    recipe="unet", hflip=True, show_real=True, per_class=6, out="runs/cifar10_uncond"),
+                    recipe="unet", hflip=True, show_real=True, per_class=6, **_CPU_UNET,
+                    out="runs/cifar10_uncond"),
     "cifar10-cond": dict(dataset="cifar-10", conditional=True, model="unet-32s", attention=[8],
-                         recipe="unet", hflip=True, show_real=True, per_class=6,
+                         recipe="unet", hflip=True, show_real=True, per_class=6, **_CPU_UNET,
                          out="runs/cifar10_cond"),
     # your own images: --dataset folder:PATH (one sub-folder per class for folder-cond),
     # centre-cropped and resized to --image-size
