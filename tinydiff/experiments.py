@@ -53,7 +53,7 @@ RECIPES["ae"] = dict(optimizer="adam", lr=2e-3, batch_size=64, epochs=2, warmup=
                      clip=1.0)
 RECIPES["latent"] = dict(RECIPES["unet"], epochs=4)
 
-_CPU_UNET = dict(base_channels=16, sampler="heun-sde", sample_steps=25)
+_CPU_UNET = dict(sampler="heun-sde", sample_steps=25)
 
 # What to train. Sizes of the attention blocks refer to the model's feature maps: the ScoreNet's
 # 26/12/5/2, a U-Net's resolutions (28/14/7 for unet-28s, 32/16/8/4 for the 32 px ones).
@@ -62,9 +62,8 @@ PRESETS = {
                   out="runs/mnist_uncond"),
     "mnist-cond": dict(dataset="mnist", conditional=True, attention=[5, 2], recipe="cond",
                        out="runs/mnist_cond"),
-    # the U-Nets at half width, with the unet recipe's 2 epochs a run of about 30 minutes on 2
-    # cores (README, the U-Net table); grids with 25 steps of the stochastic Heun sampler (49
-    # evaluations)
+    # the U-Nets (a 30-minute CPU run: --base-channels 16, README); grids with 25 steps of the
+    # stochastic Heun sampler (49 evaluations)
     "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, model="unet-28s",
                           attention=[7], recipe="unet", show_real=True, **_CPU_UNET,
                           out="runs/fashion_uncond"),
