@@ -59,8 +59,7 @@ def build_preset(preset, batch, log_every):
         config["image_shape"] = [2, 7, 7]
     sde = E.build_sde(config)
     model = E.build_model(config, "strict", sde)
-    steps = 1000
-    opt, sched, ema = E.build_optimizer(model, config, steps)
+    opt, sched, ema = E.build_optimizer(model, config, 1000)   # steps per epoch: the schedule's length
     shape = E.sample_shape(config)
     rng = np.random.default_rng(0)
     if config.get("latent"):         # the cached codes are float32
