@@ -53,7 +53,8 @@ RECIPES["ae"] = dict(optimizer="adam", lr=2e-3, batch_size=64, epochs=2, warmup=
                      clip=1.0)
 RECIPES["latent"] = dict(RECIPES["unet"], epochs=4)
 
-_CPU_UNET = dict(sampler="heun-sde", sample_steps=25)
+# the grids of the U-Net presets: 25 steps of the stochastic Heun sampler (49 evaluations)
+_UNET_GRIDS = dict(sampler="heun-sde", sample_steps=25)
 
 # What to train. Sizes of the attention blocks refer to the model's feature maps: the ScoreNet's
 # 26/12/5/2, a U-Net's resolutions (28/14/7 for unet-28s, 32/16/8/4 for the 32 px ones).
@@ -62,19 +63,18 @@ PRESETS = {
                   out="runs/mnist_uncond"),
     "mnist-cond": dict(dataset="mnist", conditional=True, attention=[5, 2], recipe="cond",
                        out="runs/mnist_cond"),
-    # the U-Nets (a 30-minute CPU run: --base-channels 16, README); grids with 25 steps of the
-    # stochastic Heun sampler (49 evaluations)
+    # the U-Nets (a 30-minute CPU run: --base-channels 16, README)
     "fashion-mnist": dict(dataset="fashion-mnist", conditional=False, model="unet-28s",
-                          attention=[7], recipe="unet", show_real=True, **_CPU_UNET,
+                          attention=[7], recipe="unet", show_real=True, **_UNET_GRIDS,
                           out="runs/fashion_uncond"),
     "fashion-mnist-cond": dict(dataset="fashion-mnist", conditional=True, model="unet-28s",
-                               attention=[7], recipe="unet", show_real=True, **_CPU_UNET,
+                               attention=[7], recipe="unet", show_real=True, **_UNET_GRIDS,
                                out="runs/fashion_cond"),
     "cifar10": dict(dataset="cifar-10", conditional=False, model="unet-32s", attention=[8],
-                    recipe="unet", hflip=True, show_real=True, per_class=6, **_CPU_UNET,
+                    recipe="unet", hflip=True, show_real=True, per_class=6, **_UNET_GRIDS,
                     out="runs/cifar10_uncond"),
     "cifar10-cond": dict(dataset="cifar-10", conditional=True, model="unet-32s", attention=[8],
-                         recipe="unet", hflip=True, show_real=True, per_class=6, **_CPU_UNET,
+                         recipe="unet", hflip=True, show_real=True, per_class=6, **_UNET_GRIDS,
                          out="runs/cifar10_cond"),
     # your own images: --dataset folder:PATH (one sub-folder per class for folder-cond),
     # centre-cropped and resized to --image-size
@@ -90,7 +90,7 @@ PRESETS = {
                        base_channels=16, attention=[], recipe="ae", out="runs/fashion_ae"),
     "fashion-latent-cond": dict(dataset="fashion-mnist", conditional=True, model="unet-latent",
                                 attention=[7], recipe="latent", show_real=True, latent=True,
-                                sampler="heun-sde", sample_steps=25,
+                                **_UNET_GRIDS,
                                 out="runs/fashion_latent_cond"),
 }
 
