@@ -418,7 +418,7 @@ def test_the_embedding_reaches_every_block_at_the_shipped_widths(name, base):
     channel per group the norm would cancel it (the bug this guards against: a conditional U-Net
     at 32 channels that ignored its labels and t). Every ResBlock's norm2 keeps >= 4 channels per
     group, and the network's output (times std(t)) changes with the label and with t."""
-    from tinydiff.models.unet import EMBED_GROUP_CHANNELS, ResBlock
+    from tinydiff.models.unet import EMBED_GROUP_CHANNELS, GROUP_CHANNELS, ResBlock
     from tinydiff.sde import VESDE
     sde = VESDE(25.0)
     nn.manual_seed(0)
@@ -428,6 +428,11 @@ def test_the_embedding_reaches_every_block_at_the_shipped_widths(name, base):
     model = unet_from_config(name, sde.marginal_std, in_channels=c, num_classes=10, **kw)
     blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
     assert blocks and all(b.out_ch // b.norm2.num_groups >= EMBED_GROUP_CHANNELS for b in blocks)
+    # every other norm too (norm1, the attention blocks', norm_out): one channel per group would
+    # remove each channel's mean, and with it the noisy image's mean brightness
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) > 2 * len(blocks)
+    assert all(n.num_channels // n.num_groups >= GROUP_CHANNELS for n in norms)
     size = cfg["image_size"]
     x = np.random.default_rng(0).normal(size=(1, c, size, size)).astype(np.float32).repeat(3, 0)
     with td.no_grad():
@@ -437,3 +442,24 @@ def test_the_embedding_reaches_every_block_at_the_shipped_widths(name, base):
     for out in (by_label, by_time):
         assert np.abs(out[0] - out[1]).mean() > 1e-3 * np.abs(out).mean()
         assert np.abs(out[1] - out[2]).mean() > 1e-3 * np.abs(out).mean()
+
+
+def test_unet_runs_from_before_group_channels_keep_their_norms(monkeypatch):
+    """A U-Net run saved before ``group_channels`` existed had one channel per group outside
+    ResBlock.norm2: its configuration must rebuild that model (its weights would load into the
+    new one just as well, shape for shape, and compute something else). New runs keep 4."""
+    from tinydiff import experiments as E
+    new = E.resolve_config({"preset": "fashion-mnist-cond", "base_channels": 16})
+    assert "group_channels" in new
+    old_saved = {k: v for k, v in new.items() if k != "group_channels"}
+    monkeypatch.setattr(E, "read_config", lambda path: old_saved)
+    old = E.resolve_config({}, run_dir="a-run")
+    assert old["group_channels"] == 1
+    for config, per_group in ((new, 4), (old, 1)):
+        model = E.build_model(config)
+        assert model.norm_out.num_channels // model.norm_out.num_groups == per_group
+        assert model.mid.attn_1.norm.num_channels // model.mid.attn_1.norm.num_groups == per_group
+        assert model.mid.block_1.out_ch // model.mid.block_1.norm2.num_groups >= 4   # both
+    # a run that stored the key keeps what it stored
+    monkeypatch.setattr(E, "read_config", lambda path: new)
+    assert E.resolve_config({}, run_dir="a-run")["group_channels"] is None

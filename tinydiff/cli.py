@@ -140,6 +140,8 @@ def add_train_arguments(p, preset=None):
         "per level (default: the model's)")
     opt("--dropout", type=A.unit_interval, help="U-Net: dropout before each block's second conv "
         "(default: the model's)")
+    opt("--group-channels", type=A.positive_int, help="U-Net: least channels per GroupNorm group "
+        "(default 4; 1 lets a norm remove every channel's mean, docs/models.md)")
     opt("--autoencoder", type=A.existing_dir, help="latent presets (fashion-latent-cond): the "
         "autoencoder run (of --preset fashion-ae) whose codes the model learns; its codes are "
         "encoded once into OUT/latents.npz")

@@ -95,12 +95,12 @@ PRESETS = {
 }
 
 # sigma belongs to the VE SDE, beta_min / beta_max to VP and sub-VP (None: that SDE's default);
-# base_channels ... dropout override the named U-Net configuration (None: the configuration's)
+# base_channels ... group_channels override the named U-Net configuration (None: the configuration's)
 DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, beta_min=None,
                 beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
-                cosine_epochs=None, sampler="em", sample_steps=500, churn=None, num_samples=64, per_class=8,
+                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, p_uniform=0.0, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
@@ -131,6 +131,10 @@ def resolve_config(explicit, run_dir=None, default_preset=None):
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if saved and "model" not in saved:          # runs from before the U-Net were ScoreNets
         saved = {**saved, "model": "scorenet"}
+    if saved and saved["model"].startswith("unet") and "group_channels" not in saved:
+        # U-Net runs from before group_channels: one channel per group outside ResBlock.norm2
+        # (tinydiff.models.unet.GROUP_CHANNELS says why new runs keep 4)
+        saved = {**saved, "group_channels": 1}
     config = {**DEFAULTS, **PRESETS[preset], **RECIPES[recipe], **saved, **explicit,
               "preset": preset, "recipe": recipe}
     for key in ("channels", "attention"):       # older runs stored "32,64,128,256"
@@ -219,7 +223,7 @@ def build_model(config, backend="numpy", sde=None):
     return model.to(get_backend(backend))
 
 
-UNET_OVERRIDES = ("base_channels", "channel_mult", "num_res_blocks", "dropout")
+UNET_OVERRIDES = ("base_channels", "channel_mult", "num_res_blocks", "dropout", "group_channels")
 
 
 def build_autoencoder(config):

@@ -89,7 +89,8 @@ class Autoencoder(nn.Module):
 
         def res(cin, cout):
             # no embedding here (a constant zero): norm2 keeps one group per channel up to 32
-            return ResBlock(cin, cout, 1, 0.0, num_groups, embed_group_channels=1)
+            return ResBlock(cin, cout, 1, 0.0, num_groups, group_channels=1,
+                            embed_group_channels=1)
 
         # encoder
         self.conv_in = nn.Conv2d(in_channels, c, 3, padding=1)

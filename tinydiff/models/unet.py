@@ -54,11 +54,21 @@ def _groups(num_groups, channels, min_channels=1):
     return max(d for d in range(1, g + 1) if g % d == 0 and channels // d >= min(min_channels, channels))
 
 
-# Channels per group, at least, of the GroupNorm that the embedding enters (ResBlock.norm2). The
-# embedding is added as a per-channel shift *before* that norm (DDPM), and a group norm removes
-# each group's mean: with one channel per group (32 groups of 32 channels) it removes the shift
-# entirely and the block never sees t or the class. DDPM's widths (128+) have 4 or more per group.
-EMBED_GROUP_CHANNELS = 4
+# Channels per group, at least, of every GroupNorm of the U-Net (DDPM's widths, 128 and up with
+# 32 groups, have 4 or more). A group norm removes each group's mean and scale; with one channel
+# per group (32 groups of 32 channels, or 16 of 16) it removes every channel's spatial mean, and
+# two things a score model needs are lost with it:
+# - the embedding, added as a per-channel shift before ResBlock.norm2 (DDPM): the block would never
+#   see t or the class (a conditional U-Net at 32 channels that ignored its labels);
+# - the mean of the noisy image: after norm_out no channel carries it, so the network cannot say
+#   how much of the image's mean brightness is noise. At sigma = 10 that mean holds noise of std
+#   10/28 = 0.36, and a model with one channel per group left it in: a third of its Fashion-MNIST
+#   samples came out black and one in eight saturated (docs/unet-runs.md).
+# With 4 channels per group only the group's common mean goes; the differences between its
+# channels' means carry the image's mean on. Runs trained before this setting existed had it only
+# at norm2 (``group_channels`` 1 elsewhere); their stored configuration says so.
+GROUP_CHANNELS = 4
+EMBED_GROUP_CHANNELS = GROUP_CHANNELS
 
 
 def _norm_swish(h, norm, shift=None):
@@ -74,18 +84,22 @@ class ResBlock(nn.Module):
             differ, else the skip is the identity.
         embed_dim: width of the (already swished) embedding passed to forward.
         dropout: probability of the dropout before the second conv (training mode only).
-        num_groups: GroupNorm groups, reduced to gcd(num_groups, channels); for norm2, which the
-            embedding enters, further reduced to keep ``embed_group_channels`` channels per group.
+        num_groups: GroupNorm groups, reduced to gcd(num_groups, channels), and further to keep
+            ``group_channels`` channels per group (see GROUP_CHANNELS); norm2, which the
+            embedding enters, keeps ``embed_group_channels`` (default: at least
+            EMBED_GROUP_CHANNELS whatever ``group_channels`` is).
     """
 
     def __init__(self, in_ch, out_ch, embed_dim, dropout=0.0, num_groups=32,
-                 embed_group_channels=EMBED_GROUP_CHANNELS):
+                 group_channels=GROUP_CHANNELS, embed_group_channels=None):
         super().__init__()
         self.in_ch, self.out_ch = in_ch, out_ch
-        self.norm1 = nn.GroupNorm(_groups(num_groups, in_ch), in_ch)
+        self.norm1 = nn.GroupNorm(_groups(num_groups, in_ch, group_channels), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(embed_dim, out_ch)
         # the embedding's shift must survive norm2's mean removal: see EMBED_GROUP_CHANNELS
+        if embed_group_channels is None:
+            embed_group_channels = max(group_channels, EMBED_GROUP_CHANNELS)
         self.norm2 = nn.GroupNorm(_groups(num_groups, out_ch, embed_group_channels), out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
@@ -176,14 +190,16 @@ class UNet(ScoreModel):
         num_classes: if given, a class embedding with num_classes + 1 rows (the last,
             ``null_label``, is "no label" for classifier-free guidance) added to the time
             embedding before its swish.
-        num_groups: GroupNorm groups (32), reduced to gcd(num_groups, channels).
+        num_groups: GroupNorm groups (32), reduced to gcd(num_groups, channels) and further to
+            keep ``group_channels`` channels per group (default GROUP_CHANNELS, 4: see there).
         fourier_scale: std of the Fourier frequencies of t; 30, ScoreNet's, because t runs over
             (0, 1] (NCSN++'s 16 is for log sigma, an about 8x wider range).
     """
 
     def __init__(self, marginal_std, in_channels=1, image_size=28, base_channels=32,
                  channel_mult=(1, 2, 2), num_res_blocks=1, attention=(7,), num_heads=4, dropout=0.0,
-                 embed_dim=None, num_classes=None, num_groups=32, fourier_scale=30.0):
+                 embed_dim=None, num_classes=None, num_groups=32, fourier_scale=30.0,
+                 group_channels=GROUP_CHANNELS):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult or min(channel_mult) < 1:
@@ -224,10 +240,11 @@ class UNet(ScoreModel):
             self.label_embed = nn.Embedding(num_classes + 1, embed_dim)
 
         def res(cin, cout):
-            return ResBlock(cin, cout, embed_dim, dropout, num_groups)
+            return ResBlock(cin, cout, embed_dim, dropout, num_groups, group_channels)
 
         def attn(c):
-            return nn.SelfAttention2d(c, num_heads=num_heads, num_groups=num_groups)
+            return nn.SelfAttention2d(c, num_heads=num_heads,
+                                      num_groups=_groups(num_groups, c, group_channels))
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         # encoder: the widths of the maps it pushes on the skip stack, because the decoder pops
@@ -257,7 +274,7 @@ class UNet(ScoreModel):
             if i > 0:
                 up[i].upsample = Upsample(c)
         self.up = nn.ModuleList(up)
-        self.norm_out = nn.GroupNorm(_groups(num_groups, c), c)
+        self.norm_out = nn.GroupNorm(_groups(num_groups, c, group_channels), c)
         self.conv_out = nn.Conv2d(c, in_channels, 3, padding=1)
 
     def _size_message(self, size):

@@ -139,7 +139,7 @@ def torch_scorenet(marginal_std, channels=(32, 64, 128, 256), embed_dim=256, dev
 
 def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, channel_mult=(1, 2, 2),
                num_res_blocks=1, attention=(7,), num_heads=4, dropout=0.0, embed_dim=None,
-               num_classes=None, num_groups=32, fourier_scale=30.0, device="cpu"):
+               num_classes=None, num_groups=32, fourier_scale=30.0, group_channels=4, device="cpu"):
     """tinydiff.models.UNet in PyTorch, argument for argument and name for name (``down.0.block.0
     .conv1.weight``, ``mid.attn_1.qkv.weight``, ``up.1.upsample.conv.weight``, ``embed.3.weight``,
     ...): ResBlocks with the embedding added between their convs, attention after the blocks at
@@ -155,7 +155,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
     sizes = [image_size // 2 ** i for i in range(len(channel_mult))]
     widths = [base_channels * m for m in channel_mult]
 
-    def gn(c, min_channels=1):
+    def gn(c, min_channels=group_channels):
         g = math.gcd(num_groups, c)
         g = max(d for d in range(1, g + 1) if g % d == 0 and c // d >= min(min_channels, c))
         return tnn.GroupNorm(g, c)
@@ -166,7 +166,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
             self.norm1 = gn(cin)
             self.conv1 = tnn.Conv2d(cin, cout, 3, padding=1)
             self.temb_proj = tnn.Linear(embed_dim, cout)
-            self.norm2 = gn(cout, 4)      # tinydiff's EMBED_GROUP_CHANNELS
+            self.norm2 = gn(cout, max(group_channels, 4))      # tinydiff's EMBED_GROUP_CHANNELS
             self.dropout = tnn.Dropout(dropout)
             self.conv2 = tnn.Conv2d(cout, cout, 3, padding=1)
             self.nin_shortcut = tnn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -196,7 +196,8 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
     def level(blocks, with_attention):
         m = tnn.Module()
         m.block = tnn.ModuleList(blocks)
-        m.attn = tnn.ModuleList([SelfAttention(b.conv2.out_channels, num_heads, num_groups)
+        m.attn = tnn.ModuleList([SelfAttention(b.conv2.out_channels, num_heads,
+                                               gn(b.conv2.out_channels).num_groups)
                                  for b in blocks] if with_attention else [])
         return m
 
@@ -223,7 +224,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
                 down.append(lv)
             self.down = tnn.ModuleList(down)
             self.mid = tnn.Module()
-            self.mid.block_1, self.mid.attn_1 = ResBlock(c, c), SelfAttention(c, num_heads, num_groups)
+            self.mid.block_1, self.mid.attn_1 = ResBlock(c, c), SelfAttention(c, num_heads, gn(c).num_groups)
             self.mid.block_2 = ResBlock(c, c)
             up = [None] * len(widths)
             for i in reversed(range(len(widths))):
