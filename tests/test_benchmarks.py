@@ -3,6 +3,8 @@ tinydiff alone and says so, on stdout (beside the table) and on stderr."""
 import importlib.util
 import os
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -31,3 +33,33 @@ def test_latent_speed_times_both_models_in_one_run(capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| unet")]
     assert len(rows) == 2 and "1x28x28 pixels" in rows[0] and "2x7x7 codes" in rows[1]
     assert "latent / pixel: training" in out and "nan" not in out
+
+
+def test_noise_mean_diagnostic_against_exact_answers():
+    """benchmarks/noise_mean.py on scores whose answer is known: the exact score of a point mass
+    (every image the same) denoises perfectly, so the slope is 1 and the brightness error 0; the
+    same score with the noise's per-image mean taken out of its estimate has slope 0 and leaves
+    exactly sigma |mean z| in the brightness (the column 'if ignored')."""
+    from tinydiff.sde import VESDE
+    diag = load_script("benchmarks/noise_mean.py", "noise_mean_under_test")
+    sde = VESDE(25.0)
+    x0 = np.full((64, 1, 8, 8), 0.3, np.float32)
+
+    def exact(x, t):                      # grad log N(x; x0, std^2 I)
+        std = sde.marginal_std(t)[:, None, None, None]
+        return -(x - x0) / std ** 2
+
+    def blind(x, t):                      # the exact score, but no per-image mean of the noise
+        s = exact(x, t)
+        return s - s.mean((1, 2, 3), keepdims=True)
+
+    sigmas = [0.5, 2.0, 5.0, 9.0, 50.0]            # 50 > sigma(T) = 9.8: skipped
+    good, bad = diag.brightness_rows(exact, sde, x0, sigmas), diag.brightness_rows(blind, sde, x0, sigmas)
+    assert [r[0] for r in good] == [0.5, 2.0, 5.0, 9.0]
+    for (sigma, slope, err, ignored), (_, bslope, berr, bignored) in zip(good, bad):
+        assert abs(slope - 1) < 1e-3 and err < 1e-4 * sigma
+        assert abs(bslope) < 1e-3 and abs(berr - bignored) < 1e-4 * sigma and ignored == bignored
+        # sigma |mean z| over 64 images of 64 pixels: about sigma * sqrt(2 / pi) / 8
+        assert 0.6 * sigma / 8 < ignored < 1.0 * sigma / 8
+    images = np.stack([np.full((1, 4, 4), v) for v in (0.0, 0.04, 0.3, 0.5, 0.6, 1.0)])
+    assert diag.dark_and_bright(images) == (2 / 6, 2 / 6)
