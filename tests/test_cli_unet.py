@@ -67,6 +67,10 @@ def test_cifar10_unet_run_is_rgb_and_flips(tmp_path):
                 *UNET_TINY) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["hflip"] is True and config["dataset"] == "cifar-10"
+    assert config["group_channels"] is None          # the model's default, 4 channels per group
+    from tinydiff import experiments as E
+    run = E.load_run(str(out))
+    assert run.model.norm_out.num_groups == 2        # 8 base channels: 2 groups of 4
     npz = tmp_path / "c.npz"
     assert call("sample", out, "--num-samples", "2", "--steps", "3", "--out", npz,
                 "--no-progress") == 0
@@ -93,9 +97,11 @@ def test_image_folder_conditional_run_end_to_end(tmp_path, capsys, monkeypatch):
     tiny = [f for f in UNET_TINY if f not in ("--limit", "32")]
     assert call("train", "--preset", "folder-cond", "--dataset", f"folder:{folder}",
                 "--image-size", "16", "--channel-mult", "1,2", "--attention", "none", "--out", out,
-                *tiny) == 0
+                "--group-channels", "1", *tiny) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["image_shape"] == [3, 16, 16] and config["num_classes"] == 2
+    from tinydiff import experiments as E
+    assert config["group_channels"] == 1 and E.load_run(str(out)).model.norm_out.num_groups == 8
     npz = tmp_path / "f.npz"
     assert call("sample", out, "--per-class", "2", "--steps", "3", "--out", npz,
                 "--no-progress") == 0
@@ -117,6 +123,7 @@ def test_image_folder_conditional_run_end_to_end(tmp_path, capsys, monkeypatch):
     (["--preset", "fashion-mnist", "--attention", "5"], "attention"),
     (["--preset", "cifar10", "--channel-mult", "1,0"], "--channel-mult"),
     (["--preset", "cifar10", "--dropout", "1.5"], "--dropout"),
+    (["--preset", "cifar10", "--group-channels", "0"], "--group-channels"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_unet_and_data_flags_are_one_line_errors(argv, name, tmp_path, capsys):
     assert call("train", "--out", tmp_path / "run", "--no-progress", *argv) == 2
