@@ -63,3 +63,22 @@ def test_noise_mean_diagnostic_against_exact_answers():
         assert 0.6 * sigma / 8 < ignored < 1.0 * sigma / 8
     images = np.stack([np.full((1, 4, 4), v) for v in (0.0, 0.04, 0.3, 0.5, 0.6, 1.0)])
     assert diag.dark_and_bright(images) == (2 / 6, 2 / 6)
+
+
+def test_peak_memory_counts_what_a_step_touches():
+    """benchmarks/peak_memory.py's measure on a step whose peak is known: one 64 MB array written
+    and freed. The first call's peak growth is its size (within what the interpreter adds), and
+    a step that allocates nothing grows nothing."""
+    import pytest
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux's /proc/self/clear_refs")
+    pm = load_script("benchmarks/peak_memory.py", "peak_memory_under_test")
+
+    def big():
+        a = np.ones(8 * 2**20)            # 64 MB, every page written
+        return float(a[-1])
+
+    first, _ = pm.step_peak_mb(big)
+    assert 60 < first < 72
+    idle_first, idle_second = pm.step_peak_mb(lambda: None)
+    assert idle_first < 2 and idle_second < 2
