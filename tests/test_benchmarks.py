@@ -66,19 +66,24 @@ def test_noise_mean_diagnostic_against_exact_answers():
 
 
 def test_peak_memory_counts_what_a_step_touches():
-    """benchmarks/peak_memory.py's measure on a step whose peak is known: one 64 MB array written
-    and freed. The first call's peak growth is its size (within what the interpreter adds), and
-    a step that allocates nothing grows nothing."""
+    """benchmarks/peak_memory.py's measure on a step whose peak is known: 64 MB of fresh pages
+    (an anonymous mapping, so that no memory the process already holds is reused) written and
+    unmapped. Each call's peak growth is their size, and a step that touches nothing grows
+    nothing."""
+    import mmap
     import pytest
     if not os.path.exists("/proc/self/clear_refs"):
         pytest.skip("needs Linux's /proc/self/clear_refs")
     pm = load_script("benchmarks/peak_memory.py", "peak_memory_under_test")
 
     def big():
-        a = np.ones(8 * 2**20)            # 64 MB, every page written
-        return float(a[-1])
+        m = mmap.mmap(-1, 64 * 2**20)
+        pages = np.frombuffer(m, dtype=np.uint8)
+        pages[::4096] = 1                 # one byte a page makes every page resident
+        del pages
+        m.close()
 
-    first, _ = pm.step_peak_mb(big)
-    assert 60 < first < 72
+    first, second = pm.step_peak_mb(big)
+    assert 63 < first < 66 and 63 < second < 66
     idle_first, idle_second = pm.step_peak_mb(lambda: None)
     assert idle_first < 2 and idle_second < 2
