@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from tinydiff import argtypes as A  # noqa: E402
 
+BLACK, SATURATED = 0.05, 0.55          # mean brightness of a black / a saturated image
+
 
 def brightness_rows(score_fn, sde, x0, sigmas, seed=0):
     """Per sigma: (sigma, slope, |D - x0| brightness error, the error if the noise's mean were
@@ -99,9 +101,6 @@ def main(argv=None):
             print(f"{name}: {100 * black:.1f} % black (mean < {BLACK}), "
                   f"{100 * saturated:.1f} % saturated (mean > {SATURATED})")
     return 0
-
-
-BLACK, SATURATED = 0.05, 0.55
 
 
 def dark_and_bright(images):

@@ -155,10 +155,12 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
     sizes = [image_size // 2 ** i for i in range(len(channel_mult))]
     widths = [base_channels * m for m in channel_mult]
 
-    def gn(c, min_channels=group_channels):
+    def groups(c, min_channels=group_channels):
         g = math.gcd(num_groups, c)
-        g = max(d for d in range(1, g + 1) if g % d == 0 and c // d >= min(min_channels, c))
-        return tnn.GroupNorm(g, c)
+        return max(d for d in range(1, g + 1) if g % d == 0 and c // d >= min(min_channels, c))
+
+    def gn(c, min_channels=group_channels):
+        return tnn.GroupNorm(groups(c, min_channels), c)
 
     class ResBlock(tnn.Module):
         def __init__(self, cin, cout):
@@ -197,7 +199,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
         m = tnn.Module()
         m.block = tnn.ModuleList(blocks)
         m.attn = tnn.ModuleList([SelfAttention(b.conv2.out_channels, num_heads,
-                                               gn(b.conv2.out_channels).num_groups)
+                                               groups(b.conv2.out_channels))
                                  for b in blocks] if with_attention else [])
         return m
 
@@ -224,7 +226,7 @@ def torch_unet(marginal_std, in_channels=1, image_size=28, base_channels=32, cha
                 down.append(lv)
             self.down = tnn.ModuleList(down)
             self.mid = tnn.Module()
-            self.mid.block_1, self.mid.attn_1 = ResBlock(c, c), SelfAttention(c, num_heads, gn(c).num_groups)
+            self.mid.block_1, self.mid.attn_1 = ResBlock(c, c), SelfAttention(c, num_heads, groups(c))
             self.mid.block_2 = ResBlock(c, c)
             up = [None] * len(widths)
             for i in reversed(range(len(widths))):
