@@ -160,6 +160,7 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--resume", "--sample-only"], "--sample-only"), (["--seed", "-1"], "--seed"),
     (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
     (["--p-uniform", "1.5"], "--p-uniform"), (["--noise", "uniform", "--p-uniform", "0.2"], "--p-uniform"),
+    (["--grid-steps", "1"], "--grid-steps"), (["--grid-sampler", "ddim"], "--grid-sampler"),
 ]
 
 
@@ -299,3 +300,29 @@ def test_in_a_fresh_interpreter_there_is_no_traceback(runs, tmp_path):
                              text=True, timeout=120, env=env, cwd=str(tmp_path))
         assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_grids_use_their_own_sampler_and_steps(root, tmp_path, monkeypatch):
+    # the per-epoch grids with --grid-sampler / --grid-steps, the final samples with --sampler /
+    # --sample-steps; the fast recipe's grids default to 25 steps, its final samples to 250
+    from tinydiff import experiments as E, sampling
+    config = E.resolve_config({"preset": "mnist"})
+    assert (config["sampler"], config["sample_steps"], config["grid_steps"]) == ("heun-sde", 250, 25)
+    assert E.resolve_config({"preset": "mnist-cond"})["grid_steps"] is None
+    calls = []
+    real = sampling.sample
+
+    def spy(sampler, score_fn, sde, shape, num_steps=500, **kw):
+        calls.append((sampler, num_steps))
+        return real(sampler, score_fn, sde, shape, num_steps, **kw)
+    monkeypatch.setattr(sampling, "sample", spy)
+    out = tmp_path / "grids"
+    assert call("train", "--preset", "mnist", "--out", out, "--data", root, *TINY, "--epochs", "2",
+                "--sampler", "heun", "--grid-sampler", "dpm2m-sde", "--grid-steps", "4") == 0
+    assert calls == [("dpm2m-sde", 4), ("dpm2m-sde", 4), ("heun", 3)]
+    assert (out / "samples" / "epoch_002.png").is_file() and (out / "samples_heun.png").is_file()
+    # without the grid flags the grids follow --sampler and --sample-steps (here: not fast's 25)
+    calls.clear()
+    assert call("train", "--preset", "mnist-cond", "--out", tmp_path / "cond", "--data", root,
+                *TINY) == 0
+    assert calls == [("em", 3), ("em", 3)]

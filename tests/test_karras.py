@@ -10,7 +10,7 @@ import pytest
 from tinydiff import get_backend
 from tinydiff.karras import _churn
 from tinydiff.testing import strict_cupy
-from tinydiff.sampling import (SAMPLERS, guided_score_fn, heun_encode, heun_sampler,
+from tinydiff.sampling import (SAMPLERS, dpm_sampler, guided_score_fn, heun_encode, heun_sampler,
                                karras_sde_sampler, karras_sigmas, sample)
 from tinydiff.sde import (SDE, BrownianSDE, VESDE, VPSDE, gaussian_score, make_sde,
                           point_mass_score, subVPSDE)
@@ -108,6 +108,12 @@ def test_bad_arguments_are_refused_in_one_line():
         (lambda: karras_sigmas(sde, 10, sigma_min=2.0, sigma_max=1.0), "0 < sigma_min < sigma_max"),
         (lambda: karras_sigmas(sde, 10, sigma_max=20.0), r"sigma_max <= sigma\(T\)"),
         (lambda: heun_encode(score, sde, np.zeros((2, 2)), num_steps=1), "num_steps must be"),
+        (lambda: sample("dpm2m", score, sde, shape, 1), "num_steps must be an integer >= 2"),
+        (lambda: dpm_sampler(score, sde, shape, rho=0), "rho must be"),
+        (lambda: dpm_sampler(score, sde, shape, S_noise=-1.0), "S_noise must be a finite number > 0"),
+        (lambda: dpm_sampler(score, sde, shape, eps=2.0), r"eps must lie in \(0, T = 1\)"),
+        (lambda: heun_sampler(score, sde, shape, sigma_max=20.0), r"sigma_max <= sigma\(T\)"),
+        (lambda: dpm_sampler(score, sde, shape, sigma_max=0.0), "sigma_max must be"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message) as err:
@@ -134,12 +140,13 @@ def _a(sigma):
     return sigma / (V + sigma * sigma)
 
 
-def _heun_moments(sde, num_steps, m0=0.0, p0=None, churn=None, S_noise=1.0, denoise=True):
+def _heun_moments(sde, num_steps, m0=0.0, p0=None, churn=None, S_noise=1.0, denoise=True,
+                  sigma_max=None):
     """(mean, variance) of one coordinate of the output of heun_sampler (churn None) or
     karras_sde_sampler (churn = (S_churn, S_tmin, S_tmax)), started from x_hat with mean mu + m0
     and variance p0 (default: the exact marginal at T, v + sigma_max^2), and the product c of the
     step factors (the deterministic map y -> c y)."""
-    sigmas = karras_sigmas(sde, num_steps)
+    sigmas = karras_sigmas(sde, num_steps, sigma_max=sigma_max)
     hats = sigmas[:-1] if churn is None else _churn(sigmas, num_steps, sde, *churn)
     if not denoise:
         sigmas = sigmas[:-1]
@@ -352,7 +359,7 @@ MU_CLASS = np.array([-2.0, 1.0, 3.0])     # class y: N(mu_y, V); "no label": N(M
 MU_U, NULL = 0.5, 3
 
 
-@pytest.mark.parametrize("sampler", ["heun", "heun-sde"])
+@pytest.mark.parametrize("sampler", ["heun", "heun-sde", "dpm2m", "dpm2m-sde"])
 @pytest.mark.parametrize("w", [0.0, 2.0])
 def test_guided_sampling_passes_through_score_fn(sampler, w):
     # classifier-free guidance of class scores N(mu_y, V) against N(mu_u, V) is exactly the score
@@ -375,24 +382,27 @@ def test_guided_sampling_passes_through_score_fn(sampler, w):
     m1 = sde.marginal_mean_coeff(1.0)
     x_init = m1 * mu_w + rng.normal((len(labels), d), std=math.sqrt(m1 * m1 * V + sde.marginal_std(1.0) ** 2))
     x, nfe = sample(sampler, fn, sde, x_init.shape, 35, rng=rng, x_init=x_init)
-    assert nfe == len(calls) == 69 and set(calls) == {len(labels) * (1 if w == 0 else 2)}
-    churn = None if sampler == "heun" else CHURN
-    _, var, c = _heun_moments(sde, 35, churn=churn)
-    if sampler == "heun":
+    expected = 35 if sampler.startswith("dpm") else 69
+    assert nfe == len(calls) == expected and set(calls) == {len(labels) * (1 if w == 0 else 2)}
+    if sampler.startswith("dpm"):
+        _, var, c = _dpm_moments(sde, 35, sampler == "dpm2m-sde")
+    else:
+        _, var, c = _heun_moments(sde, 35, churn=None if sampler == "heun" else CHURN)
+    if sampler in ("heun", "dpm2m"):
         np.testing.assert_allclose(x, mu_w + c * (x_init / m1 - mu_w), rtol=2e-5, atol=2e-5)
     for k in range(3):
         mu = (1 + w) * MU_CLASS[k] - w * MU_U
         _check_moments(x[labels == k], mu, var)
 
 
-@pytest.mark.parametrize("sampler", ["heun", "heun-sde"])
+@pytest.mark.parametrize("sampler", ["heun", "heun-sde", "dpm2m", "dpm2m-sde"])
 def test_strict_stand_in_runs_without_host_syncs(sampler):
     strict = get_backend("strict")
     sde = make_sde("vp")
     score = gaussian_score(strict.asarray(np.full(4, MU, np.float32)), V, sde)
     before = strict_cupy.SYNCS["count"]
     x, nfe = sample(sampler, score, sde, (16, 4), 12, rng=strict.default_rng(0))
-    assert strict_cupy.SYNCS["count"] == before and nfe == 23
+    assert strict_cupy.SYNCS["count"] == before and nfe == (12 if "dpm" in sampler else 23)
     assert strict.owns(x) and x.dtype == np.float32
     # the same numbers as on numpy with the same seed
     y, _ = sample(sampler, gaussian_score(np.full(4, MU, np.float32), V, sde), sde, (16, 4), 12,
@@ -414,7 +424,7 @@ def test_callback_records_the_path(sampler):
     times = [f[1] for f in frames]
     assert (np.diff(times) < 0).all() and times[0] < 1.0     # from noise towards data
     dt = (1.0 - 1e-3) / (steps - 1)
-    last = {"heun": 0.0, "heun-sde": 0.0, "em": 1e-3 - dt, "pc": 1e-3 - dt,
+    last = {"heun": 0.0, "heun-sde": 0.0, "dpm2m": 0.0, "dpm2m-sde": 0.0, "em": 1e-3 - dt, "pc": 1e-3 - dt,
             "ancestral": 0.0, "ode": 1e-3}[sampler]
     assert abs(times[-1] - last) < 1e-12, (sampler, times[-1])
     # and the hook changes nothing
@@ -449,10 +459,166 @@ def test_training_sample_fn_runs_heun():
         def __call__(self, x, t):
             return gaussian_score(MU, V, sde)(x, t)
 
-    for sampler in ("heun", "heun-sde"):
+    for sampler in ("heun", "heun-sde", "dpm2m", "dpm2m-sde"):
         fn = train.make_sample_fn(sde, sampler, 10, (3, 1, 2, 2))
         a, b = fn(Model(), 5), fn(Model(), 5)
         assert a.shape == (3, 1, 2, 2) and np.isfinite(a).all()
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="num_steps"):
         train.make_sample_fn(sde, "heun", 1)
+
+
+# -- DPM-Solver++(2M), ODE and SDE ---------------------------------------------------------------
+#
+# With Gaussian data the denoiser is linear, D(x_hat; sigma) - mu = b(sigma) y with y = x_hat - mu
+# and b = v / (v + sigma^2), so each step maps (y_i, y_{i-1}) linearly (2M extrapolates through
+# the previous level's denoiser) plus, for the SDE, fresh noise: the output's mean and variance
+# follow exactly from a 2x2 covariance recursion.
+
+def _dpm_moments(sde, num_steps, stochastic, m0=0.0, p0=None, S_noise=1.0, sigma_max=None):
+    """(mean, variance) of one coordinate of dpm_sampler's output, started from x_hat with mean
+    mu + m0 and variance p0 (default: the exact marginal, v + sigma_max^2), and the coefficient
+    c of the deterministic part y_0 -> c y_0."""
+    sigmas = karras_sigmas(sde, num_steps, sigma_max=sigma_max)
+    b = V / (V + sigmas ** 2)
+    p0 = V + sigmas[0] ** 2 if p0 is None else p0
+    # state (y_i, y_{i-1}) with mean vector mvec, covariance P, deterministic coefficients cvec
+    mvec, P, cvec = np.array([m0, 0.0]), np.array([[p0, 0.0], [0.0, 0.0]]), np.array([1.0, 0.0])
+    h_prev = None
+    for i in range(num_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            row, q = np.array([b[i], 0.0]), 0.0                        # x_hat = D
+        else:
+            h = math.log(s / s_next)
+            k = 0.0 if h_prev is None else 0.5 * h / h_prev
+            dcoef = np.array([(1 + k) * b[i], 0.0 if i == 0 else -k * b[i - 1]])
+            r = s_next / s
+            if stochastic:
+                row, q = np.array([r * r, 0.0]) + (1 - r * r) * dcoef, (S_noise * s_next) ** 2 * (1 - r * r)
+            else:
+                row, q = np.array([r, 0.0]) + (1 - r) * dcoef, 0.0
+            h_prev = h
+        M = np.array([row, [1.0, 0.0]])                                # (y_{i+1}, y_i)
+        mvec, cvec = M @ mvec, M @ cvec
+        P = M @ P @ M.T + np.array([[q, 0.0], [0.0, 0.0]])
+    return MU + mvec[0], P[0, 0], cvec[0]
+
+
+# relative variance bias of the exact recursion (second order: about 4-fold less per doubling of
+# the steps; the SDE's first-order start and larger steps leave it behind the ODE at equal steps)
+DPM_BIAS = {("dpm2m", "ve", 50): 0.01, ("dpm2m", "vp", 50): 0.03,
+            ("dpm2m-sde", "ve", 50): 0.02, ("dpm2m-sde", "vp", 50): 0.05}
+
+
+@pytest.mark.parametrize("sampler,name,num_steps", sorted(DPM_BIAS))
+def test_dpm_samples_gaussian_data(backend, sampler, name, num_steps):
+    if backend.name == "strict" and (sampler, name) != ("dpm2m-sde", "vp"):
+        pytest.skip("the strict stand-in runs one case of the same code path")
+    sde = make_sde(name)
+    rng = backend.default_rng(5)
+    x_init = _exact_marginal_at_T(sde, rng, (N, D))
+    x, nfe = sample(sampler, gaussian_score(MU, V, sde), sde, (N, D), num_steps, rng=rng,
+                    x_init=x_init)
+    assert backend.owns(x) and x.shape == (N, D) and x.dtype == np.float32 and nfe == num_steps
+    stochastic = sampler == "dpm2m-sde"
+    mean, var, c = _dpm_moments(sde, num_steps, stochastic)
+    assert abs(mean - MU) < 1e-12 and abs(var / V - 1) < DPM_BIAS[sampler, name, num_steps], var / V
+    if not stochastic:          # sample by sample, mu + c (x_hat(T) - mu)
+        x_hat = backend.to_host(x_init).astype(np.float64) / sde.marginal_mean_coeff(1.0)
+        np.testing.assert_allclose(backend.to_host(x), MU + c * (x_hat - MU), rtol=2e-5, atol=2e-5)
+    _check_moments(backend.to_host(x), mean, var)
+    # second order: the bias above its floor falls about 4-fold when the steps double (the
+    # floor: the final step returns D(x; sigma_min), of variance v^2 / (v + sigma_min^2))
+    floor = V / (V + sde.scaled_std(1e-3) ** 2) - 1
+    excess = [_dpm_moments(sde, k, stochastic)[1] / V - 1 - floor for k in (100, 200)]
+    assert 3 < excess[0] / excess[1] < 5.5, excess
+
+
+def test_dpm_recursion_matches_a_float64_run():
+    # the recursion's coefficient c against the ODE sampler in float64 from fixed starts: every
+    # sample is exactly mu + c y_0, at a few steps (large steps, the 2M correction at its largest)
+    # and at more
+    sde = make_sde("ve")
+    score = gaussian_score(MU, V, sde)
+    y0 = np.linspace(-3, 3, 7)[:, None] * np.ones((1, 2))
+    sigma0 = sde.scaled_std(1.0)
+    for steps in (3, 10):
+        _, _, c = _dpm_moments(sde, steps, False)
+        x = sample("dpm2m", score, sde, y0.shape, steps, x_init=MU + sigma0 * y0,
+                   dtype=np.float64)[0]
+        np.testing.assert_allclose(x, MU + c * sigma0 * y0, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sde", [VESDE(25.0), VPSDE(), subVPSDE()], ids=repr)
+@pytest.mark.parametrize("sampler", ["dpm2m", "dpm2m-sde"])
+def test_dpm_lands_on_a_point_mass(sde, sampler):
+    # all data at x0: D = x0 at every level, so the ODE's steps are exact (x_hat - x0 scales with
+    # sigma), the SDE's posterior steps are exact in law, and the final step returns x0
+    x0 = np.array([0.2, -1.0, 0.7], dtype=np.float32)
+    x, nfe = sample(sampler, point_mass_score(x0, sde), sde, (64, 3), 6,
+                    rng=get_backend("numpy").default_rng(0))
+    assert nfe == 6
+    np.testing.assert_allclose(x, np.broadcast_to(x0, x.shape), rtol=0, atol=1e-5)
+    if sampler == "dpm2m":      # stopping at t = eps: x0 + (sigma_min / sigma_max) (x_hat(T) - x0)
+        rng = get_backend("numpy").default_rng(1)
+        x_init = sde.prior_sample((64, 3), rng, dtype=np.float64)
+        x = sample(sampler, point_mass_score(x0.astype(np.float64), sde), sde, (64, 3), 6,
+                   x_init=x_init, denoise=False, dtype=np.float64)[0]
+        ratio = sde.scaled_std(1e-3) / sde.scaled_std(1.0)
+        x_hat = x_init / sde.marginal_mean_coeff(1.0)
+        np.testing.assert_allclose(x, sde.marginal_mean_coeff(1e-3) * (x0 + ratio * (x_hat - x0)),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_dpm_sde_variance_at_a_point_mass():
+    # the SDE variant stopped at t = eps: x_hat = x0 + sigma_min z exactly in law (each step is
+    # the posterior of a point mass), whatever the number of steps
+    sde = make_sde("ve")
+    x0 = np.zeros(4, np.float32)
+    x = sample("dpm2m-sde", point_mass_score(x0, sde), sde, (N, 4), 5, denoise=False,
+               rng=get_backend("numpy").default_rng(2))[0]
+    _check_moments(x, 0.0, sde.scaled_std(1e-3) ** 2)
+
+
+def test_sigma_max_starts_lower():
+    # starting at sigma_max < sigma(T) from N(0, sigma_max^2) (EDM's start, which assumes centred
+    # data): the Gaussian recursions with that start (mean off by -mu, variance sigma_max^2 for
+    # v + sigma_max^2) give the output's law exactly, offset included
+    sde = make_sde("ve")
+    score = gaussian_score(MU, V, sde)
+    offsets = {}
+    for sampler in ("heun", "heun-sde", "dpm2m", "dpm2m-sde"):
+        score_c, calls = counting(score)
+        x, nfe = sample(sampler, score_c, sde, (N, D), 30, sigma_max=3.0,
+                        rng=get_backend("numpy").default_rng(3))
+        assert nfe == len(calls) == (30 if "dpm" in sampler else 59)
+        if sampler.startswith("dpm"):
+            mean, var, _ = _dpm_moments(sde, 30, sampler == "dpm2m-sde", m0=-MU, p0=9.0,
+                                        sigma_max=3.0)
+        else:
+            churn = None if sampler == "heun" else CHURN
+            mean, var, _ = _heun_moments(sde, 30, m0=-MU, p0=9.0, churn=churn, sigma_max=3.0)
+        _check_moments(x, mean, var)
+        offsets[sampler] = abs(mean - MU)
+        assert abs(var / V - 1) < 0.1, (sampler, var)
+    # the ODE carries the start's offset to the output; the stochastic samplers forget most of it
+    assert offsets["heun"] > 0.05 and offsets["dpm2m"] > 0.05, offsets
+    assert offsets["heun-sde"] < offsets["heun"] / 5 and offsets["dpm2m-sde"] < offsets["dpm2m"] / 5
+    # the first score evaluation is at t(sigma_max), not T
+    times_seen = []
+    sample("heun", lambda x, t: (times_seen.append(float(t[0])), score(x, t))[1], sde, (2, 2), 5,
+           sigma_max=3.0)
+    assert abs(times_seen[0] - sde.time_of_scaled_std(3.0)) < 1e-7      # t in float32
+
+
+@pytest.mark.parametrize("num_steps", [2, 5, 18])
+def test_dpm_nfe_is_exact(num_steps):
+    sde = make_sde("vp")
+    for name in ("dpm2m", "dpm2m-sde"):
+        score, calls = counting(gaussian_score(MU, V, sde))
+        x, nfe = sample(name, score, sde, (3, 2), num_steps, rng=get_backend("numpy").default_rng(0))
+        assert nfe == len(calls) == num_steps and calls == [3] * nfe
+        score, calls = counting(gaussian_score(MU, V, sde))
+        _, nfe = sample(name, score, sde, (3, 2), num_steps, denoise=False)
+        assert nfe == len(calls) == num_steps - 1

@@ -169,10 +169,15 @@ def add_train_arguments(p, preset=None):
         "(default 20)")
     opt("--sampler", choices=list(E.SAMPLERS), help="sampler of the grids and final samples: "
         "Euler-Maruyama (em, default), predictor-corrector (pc), probability-flow ODE (ode), "
-        "DDPM's ancestral sampler (ancestral, --sde vp only)")
+        "DDPM's ancestral sampler (ancestral, --sde vp only), Karras et al.'s Heun (heun, "
+        "heun-sde: 2 evaluations per step), DPM-Solver++(2M) (dpm2m, dpm2m-sde: 1 per step)")
     opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
     opt("--churn", type=A.nonnegative_float, help="S_churn of --sampler heun-sde: how much noise "
         "each step adds and removes (default 40; 0 is heun)")
+    opt("--grid-sampler", choices=list(E.SAMPLERS), help="sampler of the per-epoch grids "
+        "(default: --sampler)")
+    opt("--grid-steps", type=A.int_at_least(2), help="sampler steps of the per-epoch grids "
+        "(default: 25 for fast, else --sample-steps)")
     opt("--num-samples", type=A.positive_int, help="images per grid of an unconditional run "
         "(default 64)")
     opt("--per-class", type=A.positive_int, help="images per class (one row each) in the grids of "
@@ -267,7 +272,7 @@ def _add_sampler_arguments(p, many=False):
                        "against score evaluations); default 500; ode picks its own")
         g.add_argument("--nfe", type=A.int_list_at_least(2), help="instead of --steps: score "
                        "evaluations per sample, comma-separated (e.g. 10,20,35,50,100,500), each "
-                       "sampler given the most steps within it (heun: 2 per step)")
+                       "sampler given the most steps within it (heun, pc: 2 per step)")
     else:
         p.add_argument("--sampler", choices=list(E.SAMPLERS), default="em",
                        help=f"one of {names} (default em; ancestral needs --sde vp)")

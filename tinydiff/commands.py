@@ -75,12 +75,21 @@ def train(args, parser):
     labels = E.grid_labels(config)
     shape = E.sample_shape(config)
     n = len(labels) if labels is not None else int(config["num_samples"])
-    sample_fn = T.make_sample_fn(sde, config["sampler"], int(config["sample_steps"]), (n, *shape),
-                                 labels=labels, guidance=float(config["guidance"]),
-                                 nrow=int(config["per_class"]) if labels is not None else None,
-                                 options=_sampler_options(config["sampler"], config.get("churn")))
-    if autoencoder is not None:      # a latent run's grids and samples are decoded images
-        sample_fn = _decoding(sample_fn, autoencoder)
+    def make_fn(sampler, steps):
+        churn = config.get("churn") if sampler == "heun-sde" or sampler == config["sampler"] else None
+        fn = T.make_sample_fn(sde, sampler, int(steps), (n, *shape), labels=labels,
+                              guidance=float(config["guidance"]),
+                              nrow=int(config["per_class"]) if labels is not None else None,
+                              options=_sampler_options(sampler, churn))
+        # a latent run's grids and samples are decoded images
+        return fn if autoencoder is None else _decoding(fn, autoencoder)
+    # the final samples, and the per-epoch grids (their own sampler and steps when given)
+    sample_fn = make_fn(config["sampler"], config["sample_steps"])
+    grid_sampler = config.get("grid_sampler") or config["sampler"]
+    grid_steps = config.get("grid_steps") or config["sample_steps"]
+    grid_fn = sample_fn
+    if (grid_sampler, int(grid_steps)) != (config["sampler"], int(config["sample_steps"])):
+        grid_fn = make_fn(grid_sampler, grid_steps)
     ema = None
     if args.sample_only:   # the EMA weights when the run kept them
         state = T.load_model_weights(os.path.join(out, T.CHECKPOINT), model)
@@ -92,7 +101,8 @@ def train(args, parser):
         if autoencoder is not None:  # the training data are the codes, encoded once per run
             images = _cached_latents(out, autoencoder, config, pixels, train_labels)
         if config["show_real"]:
-            sample_fn.real = E.real_examples(pixels, train_labels, labels, n, int(config["seed"]))
+            sample_fn.real = grid_fn.real = E.real_examples(pixels, train_labels, labels, n,
+                                                            int(config["seed"]))
         steps_per_epoch = data.num_batches(len(images), int(config["batch_size"]))
         opt, scheduler, ema = E.build_optimizer(model, config, steps_per_epoch)
         loss = T.score_matching_loss(sde, use_labels=bool(config["conditional"]),
@@ -102,7 +112,7 @@ def train(args, parser):
             model, opt, loss, images, train_labels if config["conditional"] else None,
             out_dir=out, epochs=int(config["epochs"]), batch_size=int(config["batch_size"]),
             seed=int(config["seed"]), ema=ema, scheduler=scheduler, clip_grad=config["clip"],
-            sample_fn=sample_fn, sample_every=int(config["sample_every"]),
+            sample_fn=grid_fn, sample_every=int(config["sample_every"]),
             on_nonfinite=config["nonfinite"], config=config, hflip=bool(config["hflip"]),
             log_every=int(config["log_every"]),
             progress=not args.no_progress)
@@ -309,7 +319,7 @@ def _sampler_options(sampler, churn):
 def _check_sampler(sampler, sde_name, where):
     if sampler == "ancestral" and sde_name != "vp":
         raise UsageError(f"--sampler ancestral is DDPM's sampler for the VP SDE, but {where} is "
-                         f"{sde_name}; choose em, pc, ode, heun or heun-sde")
+                         f"{sde_name}; choose em, pc, ode, heun, heun-sde, dpm2m or dpm2m-sde")
 
 
 def _test_bits_per_dim(model, sde, config, n, root, backend, seed=0):

@@ -115,23 +115,35 @@ def _heun_path(flow, x_hat, sigmas, times, *, sde, rng=None, sigma_hats=None, S_
     return x_hat
 
 
-def _start(score_fn, sde, shape, num_steps, rho, eps, rng, backend, x_init, dtype, denoise, name):
+def _start(score_fn, sde, shape, num_steps, rho, eps, rng, backend, x_init, dtype, denoise, name,
+           sigma_max=None):
+    """The schedule, its times and the starting x_hat. With ``sigma_max`` below sigma(T) the
+    samples start at that noise level from x_hat ~ N(0, sigma_max^2 I), EDM's approximation of
+    the marginal there (the data's own spread is small beside sigma_max); x_init is then the
+    state at t(sigma_max)."""
     _check(name, sde, eps, num_steps, shape, steps_hint=STEPS_HINT)
     be, rng = _setup(shape, rng, backend, x_init)
-    sigmas = karras_sigmas(sde, num_steps, rho, eps)
+    sigmas = karras_sigmas(sde, num_steps, rho, eps, sigma_max=sigma_max)
     if not denoise:
         sigmas = sigmas[:-1]
     times = np.asarray(sde.time_of_scaled_std(sigmas), dtype=np.float64)
-    times[0] = float(sde.T)                          # exactly, not up to rounding
+    if sigma_max is None:
+        times[0] = float(sde.T)                      # exactly, not up to rounding
     if not denoise:
         times[-1] = float(eps)
-    x = sde.prior_sample(shape, rng, dtype=dtype) if x_init is None else x_init.astype(dtype)
-    x_hat = x * (1.0 / float(sde.marginal_mean_coeff(float(sde.T))))
+    m0 = float(sde.marginal_mean_coeff(float(times[0])))
+    if x_init is not None:
+        x_hat = x_init.astype(dtype) * (1.0 / m0)
+    elif sigma_max is None:
+        x_hat = sde.prior_sample(shape, rng, dtype=dtype) * (1.0 / m0)
+    else:
+        x_hat = rng.normal(shape, dtype=dtype) * float(sigma_max)
     return be, rng, sigmas, times, x_hat, _Flow(score_fn, sde, shape[0], be.xp, dtype)
 
 
 def heun_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, rng=None, backend=None,
-                 progress=False, x_init=None, dtype=np.float32, callback=None, denoise=True):
+                 progress=False, x_init=None, dtype=np.float32, callback=None, denoise=True,
+                 sigma_max=None):
     """EDM's deterministic sampler (Karras et al. 2022, Algorithm 1): Heun's method on the
     probability-flow ODE in sigma, over ``karras_sigmas(sde, num_steps, rho, eps)``.
 
@@ -154,20 +166,24 @@ def heun_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, rng=None
         denoise: True (EDM): the last step is an Euler step from sigma_min to sigma = 0, i.e. the
             denoiser D(x; sigma_min) = x_hat + sigma_min^2 grad log p, and the output is data at
             t = 0; False: stop at t = eps after num_steps - 1 Heun steps.
+        sigma_max: start at this noise level instead of sigma(T), from N(0, sigma_max^2 I) (EDM's
+            sigma_max; None: sigma(T) and the SDE's prior).
     Returns:
         The samples, an array of ``shape`` on the backend; score evaluations per sample:
         ``heun_nfe(num_steps, denoise)`` = 2 num_steps - 1 (2 num_steps - 2 without denoise).
     """
     _check_number("heun_sampler", "rho", rho, 0.0, "e.g. 7 as EDM; 1 is a linear grid")
     _, _, sigmas, times, x_hat, flow = _start(score_fn, sde, shape, num_steps, rho, eps, rng,
-                                              backend, x_init, dtype, denoise, "heun_sampler")
+                                              backend, x_init, dtype, denoise, "heun_sampler",
+                                              sigma_max)
     x_hat = _heun_path(flow, x_hat, sigmas, times, sde=sde, callback=callback, progress=progress)
     return x_hat * float(sde.marginal_mean_coeff(float(times[-1])))
 
 
 def karras_sde_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, S_churn=40.0,
                        S_tmin=0.05, S_tmax=50.0, S_noise=1.0, rng=None, backend=None,
-                       progress=False, x_init=None, dtype=np.float32, callback=None, denoise=True):
+                       progress=False, x_init=None, dtype=np.float32, callback=None, denoise=True,
+                       sigma_max=None):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2), "heun-sde": before each Heun
     step of ``heun_sampler``, raise the noise level from sigma_i to
     sigma_hat = sigma_i (1 + gamma_i) by adding N(0, S_noise^2 (sigma_hat^2 - sigma_i^2) I) to
@@ -191,10 +207,72 @@ def karras_sde_sampler(score_fn, sde, shape, num_steps=18, rho=7.0, eps=1e-3, S_
         raise ValueError(f"{name}: S_tmin must be <= S_tmax (the churn acts on sigma in "
                          f"[S_tmin, S_tmax]), got S_tmin={S_tmin!r}, S_tmax={S_tmax!r}")
     _, rng, sigmas, times, x_hat, flow = _start(score_fn, sde, shape, num_steps, rho, eps, rng,
-                                                backend, x_init, dtype, denoise, name)
+                                                backend, x_init, dtype, denoise, name, sigma_max)
     sigma_hats = _churn(sigmas, num_steps, sde, S_churn, S_tmin, S_tmax)
     x_hat = _heun_path(flow, x_hat, sigmas, times, sde=sde, rng=rng, sigma_hats=sigma_hats,
                        S_noise=S_noise, callback=callback, progress=progress, desc="Heun SDE")
+    return x_hat * float(sde.marginal_mean_coeff(float(times[-1])))
+
+
+def dpm_nfe(num_steps, denoise=True):
+    """Score evaluations per sample of ``dpm_sampler``: one per noise level, num_steps (one less
+    without the final step to sigma = 0)."""
+    return int(num_steps if denoise else num_steps - 1)
+
+
+def dpm_sampler(score_fn, sde, shape, num_steps=50, rho=7.0, eps=1e-3, stochastic=True,
+                S_noise=1.0, rng=None, backend=None, progress=False, x_init=None,
+                dtype=np.float32, callback=None, denoise=True, sigma_max=None):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: fast solver for guided sampling of
+    diffusion probabilistic models", Algorithm 2), names "dpm2m" (``stochastic=False``, the
+    probability-flow ODE) and "dpm2m-sde" (the reverse SDE, its SDE variant), on the Karras grid:
+    a second-order multistep method with ONE score evaluation per noise level, so that 50 levels
+    cost 50 evaluations where Heun's method gets 25 (docs/sampling.md#dpm-solver).
+
+    Both step the denoiser D(x_hat; sigma) = x_hat + sigma^2 grad log p (Tweedie's formula; here
+    x_hat + sigma^2 m(t) s(m(t) x_hat, t)) in the scaled variable x_hat = x / m(t). Between
+    sigma_i and sigma_{i+1}, with D held fixed, the ODE and the SDE have exact solutions:
+
+        ODE: x_hat' = r x_hat + (1 - r) D,                            r = sigma_{i+1} / sigma_i
+        SDE: x_hat' = r^2 x_hat + (1 - r^2) D + sigma_{i+1} sqrt(1 - r^2) z,   z ~ N(0, I)
+
+    (the SDE's is the Gaussian posterior of x_hat(sigma_{i+1}) given x_hat(sigma_i) and x0 = D,
+    which is why it needs no step-size limit). "2M" replaces D by a linear extrapolation in
+    lambda = -ln sigma through this and the previous level's denoiser,
+    D + (D - D_prev) / (2 r_h) with r_h = (lambda_i - lambda_{i-1}) / (lambda_{i+1} - lambda_i)
+    (the first step, with no previous D, is first order). The step to sigma = 0 returns D.
+
+    Args: as ``heun_sampler``; ``stochastic``: the SDE variant (fresh noise each step, drawn from
+    ``rng``) or the ODE; ``S_noise`` scales that noise (1 exact). ``num_steps`` noise levels
+    (>= 2), each one score evaluation: ``dpm_nfe(num_steps, denoise)``.
+    """
+    name = "dpm_sampler"
+    _check_number(name, "rho", rho, 0.0, "e.g. 7 as EDM; 1 is a linear grid")
+    _check_number(name, "S_noise", S_noise, 0.0, "1 for an exact score")
+    be, rng, sigmas, times, x_hat, flow = _start(score_fn, sde, shape, num_steps, rho, eps, rng,
+                                                 backend, x_init, dtype, denoise, name, sigma_max)
+    steps = len(sigmas) - 1
+    d_prev, h_prev = None, None
+    for i in _progress(range(steps), total=steps, enabled=progress,
+                       desc="DPM++ 2M SDE" if stochastic else "DPM++ 2M"):
+        s_cur, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        d = x_hat - s_cur * flow(x_hat, s_cur, times[i])        # D = x_hat + sigma^2 grad log p
+        if s_next == 0.0:
+            x_hat = d
+        else:
+            h = math.log(s_cur / s_next)
+            d_used = d if d_prev is None else d + (0.5 * h / h_prev) * (d - d_prev)
+            r = s_next / s_cur
+            if stochastic:
+                x_hat = (r * r) * x_hat + (1.0 - r * r) * d_used
+                x_hat = x_hat + (S_noise * s_next * math.sqrt(1.0 - r * r)) * rng.normal(
+                    x_hat.shape, dtype=x_hat.dtype)
+            else:
+                x_hat = r * x_hat + (1.0 - r) * d_used
+            d_prev, h_prev = d, h
+        if callback is not None:
+            callback(i, float(times[i + 1]),
+                     x_hat * float(sde.marginal_mean_coeff(float(times[i + 1]))))
     return x_hat * float(sde.marginal_mean_coeff(float(times[-1])))
 
 

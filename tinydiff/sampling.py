@@ -17,7 +17,9 @@ numbers are those of docs/design.md.
 - ``log_likelihood`` / ``bits_per_dim``: the same ODE run forward from the data, with the change of
   log-density given by the divergence of its drift (Skilling-Hutchinson estimator);
 - ``heun_sampler`` / ``karras_sde_sampler`` (names "heun", "heun-sde"): Karras et al. 2022's
-  few-step samplers on the same ODE in the noise level sigma (``tinydiff.karras``).
+  few-step samplers on the same ODE in the noise level sigma (``tinydiff.karras``);
+- ``dpm_sampler`` (names "dpm2m", "dpm2m-sde"): DPM-Solver++(2M) on the same grid, one score
+  evaluation per noise level, for the ODE and for the reverse SDE (``tinydiff.karras``).
 
 ``sample(name, ...)`` runs any of them by name (``SAMPLERS``) and returns (x, nfe); every sampler
 takes ``callback(i, t, x)``, called after each step with the time reached and the state there
@@ -241,7 +243,7 @@ def _raw(a):
     return a.data if isinstance(a, Tensor) else a
 
 
-SAMPLERS = ("em", "pc", "ode", "ancestral", "heun", "heun-sde")
+SAMPLERS = ("em", "pc", "ode", "ancestral", "heun", "heun-sde", "dpm2m", "dpm2m-sde")
 
 
 def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rng=None,
@@ -252,7 +254,8 @@ def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rn
     2 num_steps for "pc" (one corrector step per predictor step), the solver's count for "ode"
     (num_steps is ignored there; rtol = atol = ``rtol``), and 2 num_steps - 1 for "heun" and
     "heun-sde", where num_steps is the number of noise levels of the Karras schedule (18 is
-    EDM's choice: 35 evaluations). A guided score_fn counts one batched call as one evaluation.
+    EDM's choice: 35 evaluations), num_steps for "dpm2m" and "dpm2m-sde" (one per noise level of
+    the same schedule). A guided score_fn counts one batched call as one evaluation.
     ``callback(i, t, x)`` is called after each step (see the samplers); other keyword arguments
     go to the sampler itself (e.g. ``snr`` for "pc", ``rho`` or ``S_churn`` for "heun-sde").
     """
@@ -269,6 +272,10 @@ def sample(sampler, score_fn, sde, shape, num_steps=500, eps=1e-3, rtol=1e-5, rn
         run = heun_sampler if sampler == "heun" else karras_sde_sampler
         x = run(score_fn, sde, shape, num_steps=num_steps, **kw)
         return x, heun_nfe(num_steps, options.get("denoise", True))
+    if sampler in ("dpm2m", "dpm2m-sde"):
+        x = dpm_sampler(score_fn, sde, shape, num_steps=num_steps,
+                        stochastic=sampler == "dpm2m-sde", **kw)
+        return x, dpm_nfe(num_steps, options.get("denoise", True))
     raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}, got {sampler!r}")
 
 
@@ -640,4 +647,5 @@ def bits_per_dim(score_model, x, sde, rng=None, dequantize_data=True, **kwargs):
 
 
 # the few-step samplers live in their own module and use the plumbing above
-from .karras import heun_encode, heun_nfe, heun_sampler, karras_sde_sampler, karras_sigmas  # noqa: E402,F401
+from .karras import (dpm_nfe, dpm_sampler, heun_encode, heun_nfe, heun_sampler,  # noqa: E402,F401
+                     karras_sde_sampler, karras_sigmas)

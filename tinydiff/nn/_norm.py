@@ -11,6 +11,8 @@ and share the classical backward (with dxhat = dy * gamma, means over the same m
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import backend_of
 from ..tensor import Function, is_grad_enabled
 from ._parallel import for_batch_chunks, pooled
@@ -80,6 +82,9 @@ POOL_MIN_ELEMENTS = 400_000   # smaller maps: per-chunk statistics cost more tha
 # one kernel of _fused_norm.py, and the strict stand-in runs these functions counted as one launch
 # each (so a launch count shows what the kernels would cost).
 
+SILU_SCALE = -1.0       # the array output stage takes -y's coefficients (the CUDA kernel: y / 2)
+
+
 def _forward_statistics(vs, sq, shift, gamma, beta, G, S, eps, scale):
     """Stage 1: moments and coefficients of samples vs (n, S, C) (sq: scratch of vs's shape).
     Returns a, b ((n, 1, C), already times ``scale``), rstd (n, G, 1), shift - mu (n, G, C/G)
@@ -104,24 +109,33 @@ def _forward_statistics(vs, sq, shift, gamma, beta, G, S, eps, scale):
 
 
 def _forward_output(vs, a, b, sq, os_, ds, silu):
-    """Stage 2: os_ = [silu](vs a + b) (a, b already halved for silu, which works on u = y/2),
-    and ds = 2 silu'(y) = 1 + t + u (1 - t^2) when ds is given; sq is scratch."""
+    """Stage 2: os_ = [silu](y), y = vs a + b, and ds = 2 silu'(y) when ds is given; sq is
+    scratch. For silu, a and b come negated (``SILU_SCALE``), so that vs a + b is z = -y and the
+    exponential needs no extra pass. With e = exp(-y) and q = -(1 + e):
+
+        silu(y) = y sigmoid(y) = z / q,    2 sigmoid(y) = -2 / q,
+        2 silu'(y) = 2 sigmoid(y) (1 + y (1 - sigmoid(y))) = 2 sigmoid(y) (1 - (z + silu(y)))
+
+    (y (1 - sigmoid) = y - silu computed as -(z + silu): no cancellation where it matters, and
+    0 for large y). exp(-y) overflows to inf below y = -88 in float32, where the quotients give
+    the right limits (silu -> -0, silu' -> 0), so that warning is silenced."""
     xp = backend_of(vs).xp
     if not silu:
         xp.multiply(vs, a, out=os_)
         os_ += b
         return
-    u = xp.multiply(vs, a, out=sq)
-    u += b
-    t = xp.tanh(u, out=os_)                                # t in the output buffer first
+    z = xp.multiply(vs, a, out=sq)
+    z += b                                                 # z = -y
+    with np.errstate(over="ignore"):
+        q = xp.exp(z, out=os_)
+    xp.subtract(-1.0, q, out=q)                            # q = -(1 + exp(-y))
     if ds is not None:
-        xp.multiply(t, t, out=ds)
-        xp.subtract(1, ds, out=ds)
-        ds *= u
-        ds += t
-        ds += 1
-    t *= u                                                 # silu(y) = u + u t
-    t += u
+        xp.divide(-2.0, q, out=ds)                         # 2 sigmoid(y)
+    xp.divide(z, q, out=os_)                               # silu(y)
+    if ds is not None:
+        z += os_                                           # -y (1 - sigmoid(y))
+        xp.subtract(1.0, z, out=z)
+        ds *= z
 
 
 def _backward_statistics(gs, dss, vs, ps, d, rstd, smm, s1, gamma, G, S, half, has_shift):
@@ -171,9 +185,10 @@ class GroupNormActFn(Function):
     Then y = x A_c + B_c with A_c = rstd_g gamma_c, B_c = (shift_c - mu_g) A_c + beta_c: no centred
     copy of x is kept.
 
-    silu(y) = u + u tanh(u) with u = y / 2 (no overflow), so with t = tanh(u):
-    2 silu'(y) = 1 + t + u (1 - t^2), computed in the forward pass (only when a gradient will be
-    needed) and saved instead of t and u: one array kept instead of two.
+    silu(y) = y / (1 + exp(-y)), and 2 silu'(y) is computed in the forward pass (only when a
+    gradient will be needed; ``_forward_output``) and saved instead of y and sigmoid(y): one array
+    kept instead of two. (The CUDA kernel of _fused_norm.py uses tanh(y / 2) instead: on NumPy
+    exp is the faster ufunc; both give the same 2 silu'.)
 
     Backward, with D = dL/dy, a_c = sum_s D, b_c = sum_s D x:
         dx = D P_c + x Q_g + R_c,   P = rstd gamma,   Q = -rstd^2 M2,   R = -rstd M1 - rstd^2 M2 (shift - mu)
@@ -202,8 +217,9 @@ class GroupNormActFn(Function):
         out_full, out = _new_rows(x)
         scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then u = y/2
         dsilu = xp.empty(v.shape, dtype=dt) if (silu and need_grad) else None
-        scale = 0.5 if silu else 1.0                           # silu works on u = y/2
         how = _fused_norm.mode(x)
+        # the output stage's coefficients: -y for the array code, y / 2 for the CUDA kernel
+        scale = (0.5 if how == "kernel" else SILU_SCALE) if silu else 1.0
         if how is None:
             s1 = xp.empty((N, C), dtype=dt)
             rstd = xp.empty((N, G, 1), dtype=dt)

@@ -215,9 +215,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
 # -- activations -------------------------------------------------------------------------------
 
 class SiluFn(Function):
-    """silu(x) = x sigmoid(x) ("swish"), via sigmoid(x) = (1 + tanh(x/2)) / 2, which cannot
-    overflow: with u = x/2 and t = tanh(u), silu(x) = u + u t and
-    silu'(x) = (1 + t + u (1 - t^2)) / 2, computed in the forward pass when a gradient will be needed."""
+    """silu(x) = x sigmoid(x) = x / (1 + exp(-x)) ("swish"), and, when a gradient will be needed,
+    silu'(x) = sigmoid(x) (1 + x (1 - sigmoid(x))) = sigmoid(x) (1 + x - silu(x)), computed in the
+    forward pass. exp(-x) overflows to inf below x = -88 (float32), where the quotients give the
+    right limits (0 and 0), so that warning is silenced."""
 
     float_only = True
 
@@ -231,18 +232,18 @@ class SiluFn(Function):
         def chunk(lo, hi):
             xs = x if flat else x[lo:hi]
             ys = y if flat else y[lo:hi]
-            u = xp.multiply(xs, 0.5)
-            t = xp.tanh(u, out=ys)
+            q = xp.negative(xs, out=ys)
+            with np.errstate(over="ignore"):
+                xp.exp(q, out=q)
+            q += 1                                       # 1 + exp(-x)
             if d is not None:
                 ds = d if flat else d[lo:hi]
-                xp.multiply(t, t, out=ds)
-                xp.subtract(1, ds, out=ds)
-                ds *= u
-                ds += t
-                ds += 1
-                ds *= 0.5
-            t *= u
-            t += u
+                xp.divide(1.0, q, out=ds)                # sigmoid(x)
+            xp.divide(xs, q, out=ys)                     # silu(x)
+            if d is not None:
+                t = xp.subtract(xs, ys)                  # x (1 - sigmoid(x))
+                t += 1
+                ds *= t
         if flat:
             chunk(0, 1)
         else:
