@@ -195,6 +195,28 @@ def test_silu_matches_torch_and_is_finite_at_extremes():
         assert np.all(np.isfinite(y[:3])) and y.dtype == dtype
 
 
+def test_group_norm_silu_at_extreme_outputs_is_exact_and_quiet(backend):
+    # y = gamma xhat + beta far beyond exp's float32 range (y down to about -1e3): silu computed as
+    # y / (1 + exp(-y)) overflows exp to inf there, which must give silu -> -0 and a zero
+    # gradient without a warning, and the values elsewhere must match a float64 evaluation
+    import warnings
+    x = randn(0, 2, 8, 3, 3)
+    w, b = np.full(8, 300.0, np.float32), np.linspace(-50, 50, 8).astype(np.float32)
+    xt = T(backend, x)
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        y = F.group_norm_silu(xt, 4, T(backend, w), T(backend, b))
+        y.sum().backward()
+    xs = x.astype(np.float64).reshape(2, 4, -1)
+    xhat = ((xs - xs.mean(-1, keepdims=True)) / np.sqrt(xs.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+    pre = xhat * w[:, None, None] + b[:, None, None]
+    assert pre.min() < -300 and pre.max() > 300
+    with np.errstate(over="ignore"):
+        expected = pre / (1 + np.exp(-pre))
+    np.testing.assert_allclose(backend.to_host(y.data), expected, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(backend.to_host(xt.grad)).all()
+
+
 def test_linear_matches_torch():
     torch = pytest.importorskip("torch")
     _check_against_torch(F.linear, torch.nn.functional.linear,
@@ -309,6 +331,22 @@ def test_dropout(backend, p, seed):
     assert F.dropout(x, p, training=False) is x
     small = [T(backend, randn(seed, 2, 3))]
     assert td.gradcheck(lambda t: F.dropout(t, p, rng=backend.default_rng(seed)), small, seed=seed)
+
+
+def test_dropout_keeps_a_channels_last_layout():
+    # a conv's output is channels-last; its dropout mask is drawn in the same memory order, so the
+    # product stays channels-last (the next conv reads it without a layout change), and the mask
+    # is the same set of values as for an NCHW array, only placed differently
+    nhwc = randn(0, 4, 6, 5, 8) + 5
+    x = td.Tensor(nhwc.transpose(0, 3, 1, 2))
+    y = F.dropout(x, 0.3, training=True, rng=td.get_backend("numpy").default_rng(1))
+    assert y.data.strides == x.data.strides
+    c = F.dropout(td.Tensor(np.ascontiguousarray(x.data)), 0.3, training=True,
+                  rng=td.get_backend("numpy").default_rng(1))
+    assert c.data.flags.c_contiguous
+    kept_cl = (y.data != 0).transpose(0, 2, 3, 1).reshape(-1)
+    kept_c = (c.data != 0).reshape(-1)
+    np.testing.assert_array_equal(kept_cl, kept_c)          # the same draws, in memory order
 
 
 @given(k=st.integers(1, 3), s=st.integers(1, 3), pad=st.integers(0, 1), include=st.booleans(),

@@ -90,8 +90,13 @@ def default_rng(backend):
 
 
 def dropout_mask(x, p, rng):
-    """The scaled keep mask for ``x``: 1/(1-p) where kept, 0 where dropped, of x's dtype."""
-    u = rng.uniform(x.shape, dtype=x.dtype)
+    """The scaled keep mask for ``x``: 1/(1-p) where kept, 0 where dropped, of x's dtype, laid
+    out in memory as x is (drawn in x's axis order, then viewed in x's shape): the product with a
+    channels-last activation then stays channels-last for the convolution after it, instead of
+    a mixed-layout multiply (3x slower on NumPy) producing an NCHW array the conv must gather."""
+    order = sorted(range(x.ndim), key=lambda i: -abs(x.strides[i]))   # outermost axis first
+    u = rng.uniform(tuple(x.shape[i] for i in order), dtype=x.dtype)
+    u = u.transpose(tuple(order.index(i) for i in range(x.ndim)))
     keep = (u >= p).astype(x.dtype)
     keep *= 1.0 / (1.0 - p)
     return keep
