@@ -161,6 +161,8 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--data", "/nonexistent/folder"], "--data"), (["--bpd", "-2"], "--bpd"),
     (["--p-uniform", "1.5"], "--p-uniform"), (["--noise", "uniform", "--p-uniform", "0.2"], "--p-uniform"),
     (["--grid-steps", "1"], "--grid-steps"), (["--grid-sampler", "ddim"], "--grid-sampler"),
+    (["--sampler", "em", "--rho", "3"], "--rho"), (["--rho", "-1"], "--rho"),
+    (["--sampler", "dpm2m", "--s-noise", "1.05"], "--s-noise"), (["--s-noise", "0"], "--s-noise"),
 ]
 
 
@@ -282,6 +284,10 @@ def test_bad_sample_and_evaluate_values(runs, tmp_path, capsys):
         (["sample", cond, "--churn", "5"], 2, "--churn"),
         (["sample", cond, "--sampler", "heun-sde", "--churn", "-1"], 2, "--churn"),
         (["evaluate", cond, "--sampler", "em,heun", "--churn", "5"], 2, "--churn"),
+        (["sample", cond, "--rho", "3"], 2, "--rho"), (["sample", cond, "--rho", "0"], 2, "--rho"),
+        (["sample", cond, "--sampler", "heun", "--s-noise", "1.1"], 2, "--s-noise"),
+        (["evaluate", cond, "--sampler", "em,pc", "--rho", "3"], 2, "--rho"),
+        (["evaluate", cond, "--sampler", "em,heun", "--s-noise", "1.1"], 2, "--s-noise"),
         ([], 2, "train,sample,evaluate"), (["fly"], 2, "fly"),
     ]
     (tmp_path / "s.npz").write_bytes(b"")
@@ -326,3 +332,35 @@ def test_grids_use_their_own_sampler_and_steps(root, tmp_path, monkeypatch):
     assert call("train", "--preset", "mnist-cond", "--out", tmp_path / "cond", "--data", root,
                 *TINY) == 0
     assert calls == [("em", 3), ("em", 3)]
+
+
+def test_rho_and_s_noise_reach_the_sampler(runs, root, tmp_path, monkeypatch, capsys):
+    # train: the flags (or a recipe's values) go to the samplers they apply to and are dropped
+    # for a grid sampler they do not; sample and evaluate pass theirs to the rows they fit
+    from tinydiff import sampling
+    calls = []
+    real = sampling.sample
+
+    def spy(sampler, score_fn, sde, shape, num_steps=500, **kw):
+        calls.append((sampler, {k: kw[k] for k in ("rho", "S_noise", "S_churn") if k in kw}))
+        return real(sampler, score_fn, sde, shape, num_steps, **kw)
+    monkeypatch.setattr(sampling, "sample", spy)
+    assert call("train", "--preset", "mnist", "--out", tmp_path / "r", "--data", root, *TINY,
+                "--sampler", "dpm2m-sde", "--rho", "2", "--s-noise", "1.05",
+                "--grid-sampler", "em") == 0
+    assert calls == [("em", {}), ("dpm2m-sde", {"rho": 2.0, "S_noise": 1.05})]
+    calls.clear()
+    assert call("sample", runs["uncond"], "--sampler", "heun", "--rho", "3", "--steps", "3",
+                "--num-samples", "2", "--out", tmp_path / "s.npz", "--no-progress") == 0
+    assert calls == [("heun", {"rho": 3.0})]
+    assert float(np.load(tmp_path / "s.npz")["rho"]) == 3.0
+    calls.clear()
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert call("evaluate", runs["uncond"], "--samples", "10", "--sampler", "em,dpm2m-sde",
+                    "--steps", "3", "--rho", "1.5", "--s-noise", "1.1", "--data", root,
+                    "--no-progress") == 0
+    assert calls == [("em", {}), ("dpm2m-sde", {"rho": 1.5, "S_noise": 1.1})]
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mnist")]
+    assert "| em |" in rows[0] and "dpm2m-sde (rho 1.5, S_noise 1.1)" in rows[1]

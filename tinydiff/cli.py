@@ -174,6 +174,10 @@ def add_train_arguments(p, preset=None):
     opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
     opt("--churn", type=A.nonnegative_float, help="S_churn of --sampler heun-sde: how much noise "
         "each step adds and removes (default 40; 0 is heun)")
+    opt("--rho", type=A.positive_float, help="exponent of the noise grid of heun, heun-sde, "
+        "dpm2m and dpm2m-sde (default 7, EDM's; the fast recipe's: docs/sampling.md)")
+    opt("--s-noise", type=A.positive_float, help="factor on the fresh noise of heun-sde and "
+        "dpm2m-sde (default 1)")
     opt("--grid-sampler", choices=list(E.SAMPLERS), help="sampler of the per-epoch grids "
         "(default: --sampler)")
     opt("--grid-steps", type=A.int_at_least(2), help="sampler steps of the per-epoch grids "
@@ -282,6 +286,10 @@ def _add_sampler_arguments(p, many=False):
                    help="ode tolerance, rtol = atol (default 1e-5)")
     p.add_argument("--churn", type=A.nonnegative_float, help="S_churn of the heun-sde sampler: "
                    "how much noise each step adds and removes (default 40; 0 is heun)")
+    p.add_argument("--rho", type=A.positive_float, help="exponent of the noise grid of heun, "
+                   "heun-sde, dpm2m and dpm2m-sde (default 7)")
+    p.add_argument("--s-noise", type=A.positive_float, help="factor on the fresh noise of "
+                   "heun-sde and dpm2m-sde (default 1)")
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")
     p.add_argument("--batch", type=A.positive_int, default=500,
                    help="samples drawn at once (default 500)")

@@ -50,6 +50,10 @@ def train(args, parser):
         raise UsageError(str(e)) from None
     config["out"] = out
     _check_train_config(config)
+    # a sampler setting given as a flag must apply to the sampler (the recipe's are dropped where
+    # they do not)
+    _sampler_options(config["sampler"], explicit.get("churn"), explicit.get("rho"),
+                     explicit.get("s_noise"))
     if config.get("autoencoder") and not config["latent"]:
         raise UsageError(f"--autoencoder applies to the latent presets (fashion-latent-cond), not "
                          f"to --preset {config['preset']}")
@@ -76,11 +80,10 @@ def train(args, parser):
     shape = E.sample_shape(config)
     n = len(labels) if labels is not None else int(config["num_samples"])
     def make_fn(sampler, steps):
-        churn = config.get("churn") if sampler == "heun-sde" or sampler == config["sampler"] else None
         fn = T.make_sample_fn(sde, sampler, int(steps), (n, *shape), labels=labels,
                               guidance=float(config["guidance"]),
                               nrow=int(config["per_class"]) if labels is not None else None,
-                              options=_sampler_options(sampler, churn))
+                              options=E.run_sampler_options(config, sampler))
         # a latent run's grids and samples are decoded images
         return fn if autoencoder is None else _decoding(fn, autoencoder)
     # the final samples, and the per-epoch grids (their own sampler and steps when given)
@@ -287,7 +290,6 @@ def _check_train_config(config):
         if given and config["preset"] not in ("folder", "folder-cond"):
             raise UsageError(f"{' and '.join(given)} apply to --dataset folder:PATH only; "
                              f"{config['dataset']} images are {E.IMAGE_SHAPE[config['dataset']]}")
-    _sampler_options(config["sampler"], config.get("churn"))
     _check_sampler(config["sampler"], config["sde"], "--sde")
     if int(config["log_every"]) > 1 and config["nonfinite"] == "skip":
         raise UsageError("--log-every > 1 needs --nonfinite stop: skipping a step needs its loss "
@@ -309,9 +311,9 @@ def _check_train_config(config):
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
 
 
-def _sampler_options(sampler, churn):
+def _sampler_options(sampler, churn=None, rho=None, s_noise=None):
     try:
-        return E.sampler_options(sampler, churn)
+        return E.sampler_options(sampler, churn, rho, s_noise)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -362,7 +364,7 @@ def sample(args, parser):
     get_backend(args.backend)
     run = _load_sampling_run(args)
     _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
-    options = _sampler_options(args.sampler, args.churn)
+    options = _sampler_options(args.sampler, args.churn, args.rho, args.s_noise)
     if args.trajectory and run.autoencoder is not None:
         raise UsageError("--trajectory follows pixels; a latent run's trajectories are codes "
                          "(not drawn yet): drop --trajectory")
@@ -382,7 +384,8 @@ def sample(args, parser):
     out = args.out or os.path.join(folder, "samples.npz")
     grid = args.grid or out[:-4] + ".png"
     meta = dict(sampler=args.sampler, steps=args.steps, nfe=info["nfe"], seed=args.seed,
-                **({"churn": args.churn} if args.churn is not None else {}),
+                **{k: getattr(args, k) for k in ("churn", "rho", "s_noise")
+                   if getattr(args, k) is not None},
                 guidance=np.nan if guidance is None else guidance, checkpoint=run.path)
     if "latents" in info:            # a latent run: the codes beside the decoded images
         meta["latents"] = info["latents"]
@@ -473,8 +476,11 @@ def evaluate(args, parser):
                          "images; drop --bpd")
     for sampler in args.sampler:
         _check_sampler(sampler, run.sde.name, f"the SDE of {run.path}")
-    if args.churn is not None and "heun-sde" not in args.sampler:
-        _sampler_options(args.sampler[0], args.churn)          # the one-line refusal
+    # a sampler setting applies to the rows of the samplers it belongs to; refused if none
+    for flag, owners in (("churn", ("heun-sde",)), ("rho", E.KARRAS_GRID),
+                         ("s_noise", E.STOCHASTIC_GRID)):
+        if getattr(args, flag) is not None and not set(owners) & set(args.sampler):
+            _sampler_options(args.sampler[0], **{flag: getattr(args, flag)})
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
     if cond:
         ws = ws or [float(run.config.get("guidance", 1.0))]
@@ -535,8 +541,10 @@ def evaluate(args, parser):
                 f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
             steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
                      else f"{num_steps} ({row['nfe']})")
-            if sampler == "heun-sde" and args.churn is not None:
-                sampler = f"heun-sde (churn {args.churn:g})"
+            settings = ", ".join(f"{label} {value:g}" for label, value in
+                                 _row_options(args, sampler).items())
+            if settings:
+                sampler = f"{sampler} ({settings})"
             if args.from_file:         # the file's images: this command drew nothing
                 sampler, steps = "from file", "–"
             weight = "–" if row["guidance"] is None else f"{row['guidance']:g}"
@@ -602,6 +610,17 @@ def _evaluate_autoencoder(args):
     return 0
 
 
+def _row_options(args, sampler, keys=False):
+    """The sampler settings of ``evaluate``'s flags that apply to ``sampler``'s rows: {label:
+    value} for the table (or {flag name: value} with ``keys``)."""
+    found = {}
+    for flag, label, owners in (("churn", "churn", ("heun-sde",)), ("rho", "rho", E.KARRAS_GRID),
+                                ("s_noise", "S_noise", E.STOCHASTIC_GRID)):
+        if getattr(args, flag) is not None and sampler in owners:
+            found[flag if keys else label] = getattr(args, flag)
+    return found
+
+
 def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor, backend,
                   first):
     """Draw (or read) one set of images and score it against ``real_x`` (the test or training
@@ -613,11 +632,13 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, fl
         w = info.pop("guidance", w)
     else:
         labels = np.arange(n) % run.model.num_classes if cond else None
-        churn = args.churn if sampler == "heun-sde" else None      # --churn: the heun-sde rows
+        options = _sampler_options(sampler, **{k: v for k, v in (
+            ("churn", args.churn), ("rho", args.rho), ("s_noise", args.s_noise))
+            if k in _row_options(args, sampler, keys=True)})
         images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
                                       labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
                                       progress=not args.no_progress, decoder=run.autoencoder,
-                                      options=_sampler_options(sampler, churn))
+                                      options=options)
         if args.save:
             save_npz(args.save, images=images, **({"labels": labels} if cond else {}),
                      guidance=np.nan if w is None else w)

@@ -102,7 +102,8 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
-                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, grid_sampler=None, grid_steps=None,
+                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, rho=None, s_noise=None,
+                grid_sampler=None, grid_steps=None,
                 num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, p_uniform=0.0, loss_weight="none",
@@ -482,15 +483,43 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
 
 # score evaluations per step of each sampler (ode: the solver decides; heun: 2 per step, one less
 # at the end, where the last step to sigma = 0 is a plain Euler step)
-def sampler_options(sampler, churn=None):
-    """The sampler's own keyword arguments from the command line's settings: ``churn`` is
-    S_churn of "heun-sde" (EDM's Algorithm 2; None: its default 40), refused for other samplers."""
-    if churn is None:
-        return {}
-    if sampler != "heun-sde":
-        raise ValueError(f"--churn is the noise of the heun-sde sampler; sampler {sampler!r} "
-                         "has none: drop --churn or use --sampler heun-sde")
-    return {"S_churn": float(churn)}
+KARRAS_GRID = ("heun", "heun-sde", "dpm2m", "dpm2m-sde")   # the samplers on Karras et al.'s grid
+STOCHASTIC_GRID = ("heun-sde", "dpm2m-sde")                # ... of them, those that draw noise
+
+
+def sampler_options(sampler, churn=None, rho=None, s_noise=None):
+    """The sampler's own keyword arguments from the command line's settings, each refused (a
+    one-line ValueError) for a sampler it does not apply to: ``churn`` is S_churn of "heun-sde"
+    (EDM's Algorithm 2; None: its default 40); ``rho`` the exponent of the Karras grid of
+    heun, heun-sde, dpm2m and dpm2m-sde (None: 7); ``s_noise`` the factor on the fresh noise of
+    heun-sde and dpm2m-sde (None: 1, exact for an exact score)."""
+    options = {}
+    if churn is not None:
+        if sampler != "heun-sde":
+            raise ValueError(f"--churn is the noise of the heun-sde sampler; sampler {sampler!r} "
+                             "has none: drop --churn or use --sampler heun-sde")
+        options["S_churn"] = float(churn)
+    if rho is not None:
+        if sampler not in KARRAS_GRID:
+            raise ValueError(f"--rho is the exponent of the noise grid of {', '.join(KARRAS_GRID)}; "
+                             f"sampler {sampler!r} has none: drop --rho")
+        options["rho"] = float(rho)
+    if s_noise is not None:
+        if sampler not in STOCHASTIC_GRID:
+            raise ValueError(f"--s-noise scales the fresh noise of {' and '.join(STOCHASTIC_GRID)}; "
+                             f"sampler {sampler!r} draws none: drop --s-noise")
+        options["S_noise"] = float(s_noise)
+    return options
+
+
+def run_sampler_options(config, sampler):
+    """The options of a run's own grids and final samples drawn with ``sampler``: the run's
+    churn, rho and s_noise where they apply to it (a recipe's setting for one sampler is no error
+    when the grids use another)."""
+    return sampler_options(sampler,
+                           churn=config.get("churn") if sampler == "heun-sde" else None,
+                           rho=config.get("rho") if sampler in KARRAS_GRID else None,
+                           s_noise=config.get("s_noise") if sampler in STOCHASTIC_GRID else None)
 
 
 def steps_for_nfe(sampler, nfe):
