@@ -163,6 +163,7 @@ TRAIN_BAD = [  # (flags, what the one-line message must name)
     (["--grid-steps", "1"], "--grid-steps"), (["--grid-sampler", "ddim"], "--grid-sampler"),
     (["--sampler", "em", "--rho", "3"], "--rho"), (["--rho", "-1"], "--rho"),
     (["--sampler", "dpm2m", "--s-noise", "1.05"], "--s-noise"), (["--s-noise", "0"], "--s-noise"),
+    (["--sampler", "dpm2m-sde", "--s-tmin", "0.1"], "--s-tmin"), (["--s-tmin", "-1"], "--s-tmin"),
 ]
 
 
@@ -364,3 +365,29 @@ def test_rho_and_s_noise_reach_the_sampler(runs, root, tmp_path, monkeypatch, ca
     assert calls == [("em", {}), ("dpm2m-sde", {"rho": 1.5, "S_noise": 1.1})]
     rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| mnist")]
     assert "| em |" in rows[0] and "dpm2m-sde (rho 1.5, S_noise 1.1)" in rows[1]
+
+
+def test_a_runs_own_sampler_keeps_its_settings(runs, tmp_path, monkeypatch):
+    # the fast recipe's heun-sde settings (S_noise 1.05, S_tmin 0.01) follow its sampler into
+    # tinydiff sample; flags override them; another sampler does not inherit them
+    from tinydiff import sampling
+    calls = []
+    real = sampling.sample
+
+    def spy(sampler, score_fn, sde, shape, num_steps=500, **kw):
+        calls.append((sampler, {k: kw[k] for k in ("rho", "S_noise", "S_tmin", "S_churn") if k in kw}))
+        return real(sampler, score_fn, sde, shape, num_steps, **kw)
+    monkeypatch.setattr(sampling, "sample", spy)
+    config = train.load_checkpoint(os.path.join(runs["uncond"], "checkpoint.npz"))["config"]
+    assert (config["sampler"], config["s_noise"], config["s_tmin"]) == ("heun-sde", 1.05, 0.01)
+
+    def draw(*flags):
+        calls.clear()
+        assert call("sample", runs["uncond"], "--steps", "3", "--num-samples", "2", "--out",
+                    tmp_path / "s.npz", "--no-progress", *flags) == 0
+        return calls[0]
+    assert draw("--sampler", "heun-sde") == ("heun-sde", {"S_noise": 1.05, "S_tmin": 0.01})
+    assert float(np.load(tmp_path / "s.npz")["s_noise"]) == 1.05
+    assert draw("--sampler", "heun-sde", "--s-noise", "1") == ("heun-sde", {"S_noise": 1.0, "S_tmin": 0.01})
+    assert draw("--sampler", "dpm2m-sde") == ("dpm2m-sde", {})
+    assert draw("--sampler", "em") == ("em", {})

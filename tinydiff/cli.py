@@ -178,6 +178,8 @@ def add_train_arguments(p, preset=None):
         "dpm2m and dpm2m-sde (default 7, EDM's; the fast recipe's: docs/sampling.md)")
     opt("--s-noise", type=A.positive_float, help="factor on the fresh noise of heun-sde and "
         "dpm2m-sde (default 1)")
+    opt("--s-tmin", type=A.nonnegative_float, help="smallest noise level heun-sde churns at "
+        "(default 0.05)")
     opt("--grid-sampler", choices=list(E.SAMPLERS), help="sampler of the per-epoch grids "
         "(default: --sampler)")
     opt("--grid-steps", type=A.int_at_least(2), help="sampler steps of the per-epoch grids "
@@ -290,6 +292,8 @@ def _add_sampler_arguments(p, many=False):
                    "heun-sde, dpm2m and dpm2m-sde (default 7)")
     p.add_argument("--s-noise", type=A.positive_float, help="factor on the fresh noise of "
                    "heun-sde and dpm2m-sde (default 1)")
+    p.add_argument("--s-tmin", type=A.nonnegative_float, help="smallest noise level heun-sde "
+                   "churns at (default 0.05)")
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")
     p.add_argument("--batch", type=A.positive_int, default=500,
                    help="samples drawn at once (default 500)")

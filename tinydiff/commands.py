@@ -52,8 +52,7 @@ def train(args, parser):
     _check_train_config(config)
     # a sampler setting given as a flag must apply to the sampler (the recipe's are dropped where
     # they do not)
-    _sampler_options(config["sampler"], explicit.get("churn"), explicit.get("rho"),
-                     explicit.get("s_noise"))
+    _sampler_options(config["sampler"], **{k: explicit.get(k) for k in E.SAMPLER_SETTINGS})
     if config.get("autoencoder") and not config["latent"]:
         raise UsageError(f"--autoencoder applies to the latent presets (fashion-latent-cond), not "
                          f"to --preset {config['preset']}")
@@ -311,9 +310,27 @@ def _check_train_config(config):
         raise UsageError(f"--embed-dim must be even (sin and cos halves), got {config['embed_dim']}")
 
 
-def _sampler_options(sampler, churn=None, rho=None, s_noise=None):
+def _sampler_options(sampler, **settings):
     try:
-        return E.sampler_options(sampler, churn, rho, s_noise)
+        return E.sampler_options(sampler, **settings)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+# what a sampler option is called in evaluate's table and in a sample .npz
+_OPTION_LABELS = {"S_churn": "churn", "S_tmin": "S_tmin", "rho": "rho", "S_noise": "S_noise"}
+_OPTION_KEYS = {"S_churn": "churn", "S_tmin": "s_tmin", "rho": "rho", "S_noise": "s_noise"}
+
+
+def _run_options(args, run, sampler, rows=False):
+    """The options of samples drawn from ``run`` with ``sampler``: the flags (for evaluate's
+    ``rows``, those that apply to this sampler), then the run's own where ``sampler`` is its
+    sampler (E.run_sampler_options)."""
+    given = {k: getattr(args, k) for k in E.SAMPLER_SETTINGS}
+    if rows:
+        given = {k: v for k, v in given.items() if v is not None and E.setting_applies(k, sampler)}
+    try:
+        return E.run_sampler_options(run.config, sampler, given)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -364,7 +381,7 @@ def sample(args, parser):
     get_backend(args.backend)
     run = _load_sampling_run(args)
     _check_sampler(args.sampler, run.sde.name, f"the SDE of {run.path}")
-    options = _sampler_options(args.sampler, args.churn, args.rho, args.s_noise)
+    options = _run_options(args, run, args.sampler)
     if args.trajectory and run.autoencoder is not None:
         raise UsageError("--trajectory follows pixels; a latent run's trajectories are codes "
                          "(not drawn yet): drop --trajectory")
@@ -384,8 +401,7 @@ def sample(args, parser):
     out = args.out or os.path.join(folder, "samples.npz")
     grid = args.grid or out[:-4] + ".png"
     meta = dict(sampler=args.sampler, steps=args.steps, nfe=info["nfe"], seed=args.seed,
-                **{k: getattr(args, k) for k in ("churn", "rho", "s_noise")
-                   if getattr(args, k) is not None},
+                **{_OPTION_KEYS[k]: v for k, v in options.items()},
                 guidance=np.nan if guidance is None else guidance, checkpoint=run.path)
     if "latents" in info:            # a latent run: the codes beside the decoded images
         meta["latents"] = info["latents"]
@@ -477,10 +493,10 @@ def evaluate(args, parser):
     for sampler in args.sampler:
         _check_sampler(sampler, run.sde.name, f"the SDE of {run.path}")
     # a sampler setting applies to the rows of the samplers it belongs to; refused if none
-    for flag, owners in (("churn", ("heun-sde",)), ("rho", E.KARRAS_GRID),
-                         ("s_noise", E.STOCHASTIC_GRID)):
-        if getattr(args, flag) is not None and not set(owners) & set(args.sampler):
-            _sampler_options(args.sampler[0], **{flag: getattr(args, flag)})
+    for flag in E.SAMPLER_SETTINGS:
+        value = getattr(args, flag)
+        if value is not None and not any(E.setting_applies(flag, s) for s in args.sampler):
+            _sampler_options(args.sampler[0], **{flag: value})
     cond, ws = _conditional_request(run, args, None, None, args.guidance)
     if cond:
         ws = ws or [float(run.config.get("guidance", 1.0))]
@@ -541,8 +557,8 @@ def evaluate(args, parser):
                 f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
             steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
                      else f"{num_steps} ({row['nfe']})")
-            settings = ", ".join(f"{label} {value:g}" for label, value in
-                                 _row_options(args, sampler).items())
+            settings = ", ".join(f"{_OPTION_LABELS[k]} {v:g}" for k, v in
+                                 _run_options(args, run, sampler, rows=True).items())
             if settings:
                 sampler = f"{sampler} ({settings})"
             if args.from_file:         # the file's images: this command drew nothing
@@ -610,17 +626,6 @@ def _evaluate_autoencoder(args):
     return 0
 
 
-def _row_options(args, sampler, keys=False):
-    """The sampler settings of ``evaluate``'s flags that apply to ``sampler``'s rows: {label:
-    value} for the table (or {flag name: value} with ``keys``)."""
-    found = {}
-    for flag, label, owners in (("churn", "churn", ("heun-sde",)), ("rho", "rho", E.KARRAS_GRID),
-                                ("s_noise", "S_noise", E.STOCHASTIC_GRID)):
-        if getattr(args, flag) is not None and sampler in owners:
-            found[flag if keys else label] = getattr(args, flag)
-    return found
-
-
 def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor, backend,
                   first):
     """Draw (or read) one set of images and score it against ``real_x`` (the test or training
@@ -632,9 +637,7 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, fl
         w = info.pop("guidance", w)
     else:
         labels = np.arange(n) % run.model.num_classes if cond else None
-        options = _sampler_options(sampler, **{k: v for k, v in (
-            ("churn", args.churn), ("rho", args.rho), ("s_noise", args.s_noise))
-            if k in _row_options(args, sampler, keys=True)})
+        options = _run_options(args, run, sampler, rows=True)
         images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
                                       labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
                                       progress=not args.no_progress, decoder=run.autoencoder,

@@ -30,11 +30,13 @@ RECIPES = {
                       ema_warmup=False, clip=None),
     # fast: log-normal noise levels and the stochastic Heun sampler (docs/training.md: measured
     # against uniform times and Euler-Maruyama, a wider and an EDM-weighted log-normal, cosine)
-    # (the per-epoch grids with 25 steps, 49 evaluations: a tenth of the final samples' cost)
+    # (the per-epoch grids with 25 steps, 49 evaluations: a tenth of the final samples' cost;
+    # the sampler's fresh noise 5 % above what it removes, and churn down to sigma = 0.01:
+    # docs/sampling.md, measured on this recipe's checkpoint)
     "fast": dict(optimizer="adam", lr=3e-3, batch_size=64, epochs=4, warmup=300,
                  schedule="constant", min_lr=1.0, weight_decay=0.0, ema=0.999, ema_warmup=True,
                  clip=None, noise="lognormal", sampler="heun-sde", sample_steps=250,
-                 grid_steps=25),
+                 grid_steps=25, s_noise=1.05, s_tmin=0.01),
     # the report's conditional recipe (AdamW; cosine annealing, then a constant learning rate)
     # with the fast recipe's warm-up and EMA, and clipping
     "cond": dict(optimizer="adamw", lr=3e-3, batch_size=64, epochs=5, warmup=300,
@@ -102,7 +104,7 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
-                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, rho=None, s_noise=None,
+                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, rho=None, s_noise=None, s_tmin=None,
                 grid_sampler=None, grid_steps=None,
                 num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
@@ -487,39 +489,53 @@ KARRAS_GRID = ("heun", "heun-sde", "dpm2m", "dpm2m-sde")   # the samplers on Kar
 STOCHASTIC_GRID = ("heun-sde", "dpm2m-sde")                # ... of them, those that draw noise
 
 
-def sampler_options(sampler, churn=None, rho=None, s_noise=None):
+SAMPLER_SETTINGS = ("churn", "rho", "s_noise", "s_tmin")   # the run settings that are sampler options
+
+
+def sampler_options(sampler, churn=None, rho=None, s_noise=None, s_tmin=None):
     """The sampler's own keyword arguments from the command line's settings, each refused (a
     one-line ValueError) for a sampler it does not apply to: ``churn`` is S_churn of "heun-sde"
-    (EDM's Algorithm 2; None: its default 40); ``rho`` the exponent of the Karras grid of
-    heun, heun-sde, dpm2m and dpm2m-sde (None: 7); ``s_noise`` the factor on the fresh noise of
-    heun-sde and dpm2m-sde (None: 1, exact for an exact score)."""
+    (EDM's Algorithm 2; None: its default 40) and ``s_tmin`` the smallest noise level it churns at
+    (None: 0.05); ``rho`` the exponent of the Karras grid of heun, heun-sde, dpm2m and dpm2m-sde
+    (None: 7); ``s_noise`` the factor on the fresh noise of heun-sde and dpm2m-sde (None: 1,
+    exact for an exact score)."""
     options = {}
-    if churn is not None:
-        if sampler != "heun-sde":
-            raise ValueError(f"--churn is the noise of the heun-sde sampler; sampler {sampler!r} "
-                             "has none: drop --churn or use --sampler heun-sde")
-        options["S_churn"] = float(churn)
-    if rho is not None:
-        if sampler not in KARRAS_GRID:
-            raise ValueError(f"--rho is the exponent of the noise grid of {', '.join(KARRAS_GRID)}; "
-                             f"sampler {sampler!r} has none: drop --rho")
-        options["rho"] = float(rho)
-    if s_noise is not None:
-        if sampler not in STOCHASTIC_GRID:
-            raise ValueError(f"--s-noise scales the fresh noise of {' and '.join(STOCHASTIC_GRID)}; "
-                             f"sampler {sampler!r} draws none: drop --s-noise")
-        options["S_noise"] = float(s_noise)
+    for value, flag, key, owners, what in (
+            (churn, "--churn", "S_churn", ("heun-sde",), "is the noise of the heun-sde sampler"),
+            (s_tmin, "--s-tmin", "S_tmin", ("heun-sde",), "is where the heun-sde sampler churns"),
+            (rho, "--rho", "rho", KARRAS_GRID,
+             f"is the exponent of the noise grid of {', '.join(KARRAS_GRID)}"),
+            (s_noise, "--s-noise", "S_noise", STOCHASTIC_GRID,
+             f"scales the fresh noise of {' and '.join(STOCHASTIC_GRID)}")):
+        if value is None:
+            continue
+        if sampler not in owners:
+            raise ValueError(f"{flag} {what}; sampler {sampler!r} has no such setting: drop "
+                             f"{flag}" + (" or use --sampler heun-sde" if owners == ("heun-sde",) else ""))
+        options[key] = float(value)
     return options
 
 
-def run_sampler_options(config, sampler):
-    """The options of a run's own grids and final samples drawn with ``sampler``: the run's
-    churn, rho and s_noise where they apply to it (a recipe's setting for one sampler is no error
-    when the grids use another)."""
-    return sampler_options(sampler,
-                           churn=config.get("churn") if sampler == "heun-sde" else None,
-                           rho=config.get("rho") if sampler in KARRAS_GRID else None,
-                           s_noise=config.get("s_noise") if sampler in STOCHASTIC_GRID else None)
+def run_sampler_options(config, sampler, given=None):
+    """The options of samples drawn from a run with ``sampler``: the settings ``given``
+    explicitly (a dict over SAMPLER_SETTINGS; None values are not given), and, where one is not
+    given and ``sampler`` is the run's own sampler, the run's (its recipe's or flags') setting.
+    So a recipe's sampler settings follow its sampler into the grids, ``tinydiff sample`` and
+    ``evaluate``, and stay out of the samples of any other sampler."""
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    settings = dict(given)
+    if sampler == config.get("sampler"):
+        for k in SAMPLER_SETTINGS:
+            if k not in given and config.get(k) is not None and setting_applies(k, sampler):
+                settings[k] = config[k]            # the run's, where it fits this sampler
+    return sampler_options(sampler, **settings)
+
+
+def setting_applies(setting, sampler):
+    """Whether sampler setting ``setting`` (one of SAMPLER_SETTINGS) is an option of ``sampler``."""
+    owners = {"churn": ("heun-sde",), "s_tmin": ("heun-sde",), "rho": KARRAS_GRID,
+              "s_noise": STOCHASTIC_GRID}[setting]
+    return sampler in owners
 
 
 def steps_for_nfe(sampler, nfe):
