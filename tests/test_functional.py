@@ -217,6 +217,27 @@ def test_group_norm_silu_at_extreme_outputs_is_exact_and_quiet(backend):
     assert np.isfinite(backend.to_host(xt.grad)).all()
 
 
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_on_a_channels_last_input_equals_nchw(silu):
+    # a conv's channels-last output and an NCHW array take different paths through the op
+    # (contiguous (N, S, C) rows against a strided view): the same values, forward and backward
+    from tinydiff.nn import _norm
+    x = randn(0, 5, 8, 6, 6) * 3 + 1
+    s, w, b = randn(1, 5, 8), randn(2, 8), randn(3, 8)
+    g = randn(4, 5, 8, 6, 6)
+    cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    assert _norm._rows(cl).flags.c_contiguous and not _norm._rows(x).flags.c_contiguous
+    results = []
+    for a in (x, cl):
+        ts = [td.Tensor(v.copy() if v.ndim < 4 else v, requires_grad=True) for v in (a, s, w, b)]
+        fn = F.group_norm_silu if silu else F.group_norm
+        y = (fn(ts[0], 4, ts[2], ts[3], shift=ts[1]) if silu else fn(ts[0], 4, ts[2], ts[3]))
+        y.backward(g)
+        results.append([y.numpy()] + [t.grad for t in ts if t.grad is not None])
+    for mine, ref in zip(results[1], results[0]):
+        np.testing.assert_allclose(mine, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_matches_torch():
     torch = pytest.importorskip("torch")
     _check_against_torch(F.linear, torch.nn.functional.linear,
