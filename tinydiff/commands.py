@@ -319,7 +319,7 @@ def _sampler_options(sampler, **settings):
 
 # what a sampler option is called in evaluate's table and in a sample .npz
 _OPTION_LABELS = {"S_churn": "churn", "S_tmin": "S_tmin", "rho": "rho", "S_noise": "S_noise"}
-_OPTION_KEYS = {"S_churn": "churn", "S_tmin": "s_tmin", "rho": "rho", "S_noise": "s_noise"}
+_OPTION_KEYS = {keyword: name for name, (_, keyword, _, _) in E.SAMPLER_SETTINGS.items()}
 
 
 def _run_options(args, run, sampler, rows=False):

@@ -483,13 +483,18 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
     return np.clip(raw, 0.0, 1.0), {"raw": raw, "nfe": nfe, "seconds": time.perf_counter() - start}
 
 
-# score evaluations per step of each sampler (ode: the solver decides; heun: 2 per step, one less
-# at the end, where the last step to sigma = 0 is a plain Euler step)
 KARRAS_GRID = ("heun", "heun-sde", "dpm2m", "dpm2m-sde")   # the samplers on Karras et al.'s grid
 STOCHASTIC_GRID = ("heun-sde", "dpm2m-sde")                # ... of them, those that draw noise
-
-
-SAMPLER_SETTINGS = ("churn", "rho", "s_noise", "s_tmin")   # the run settings that are sampler options
+# the run settings that are sampler options: (flag, keyword of the sampler, the samplers that
+# take it, what it is)
+SAMPLER_SETTINGS = {
+    "churn": ("--churn", "S_churn", ("heun-sde",), "is the noise of the heun-sde sampler"),
+    "s_tmin": ("--s-tmin", "S_tmin", ("heun-sde",), "is where the heun-sde sampler churns"),
+    "rho": ("--rho", "rho", KARRAS_GRID,
+            f"is the exponent of the noise grid of {', '.join(KARRAS_GRID)}"),
+    "s_noise": ("--s-noise", "S_noise", STOCHASTIC_GRID,
+                f"scales the fresh noise of {' and '.join(STOCHASTIC_GRID)}"),
+}
 
 
 def sampler_options(sampler, churn=None, rho=None, s_noise=None, s_tmin=None):
@@ -500,19 +505,15 @@ def sampler_options(sampler, churn=None, rho=None, s_noise=None, s_tmin=None):
     (None: 7); ``s_noise`` the factor on the fresh noise of heun-sde and dpm2m-sde (None: 1,
     exact for an exact score)."""
     options = {}
-    for value, flag, key, owners, what in (
-            (churn, "--churn", "S_churn", ("heun-sde",), "is the noise of the heun-sde sampler"),
-            (s_tmin, "--s-tmin", "S_tmin", ("heun-sde",), "is where the heun-sde sampler churns"),
-            (rho, "--rho", "rho", KARRAS_GRID,
-             f"is the exponent of the noise grid of {', '.join(KARRAS_GRID)}"),
-            (s_noise, "--s-noise", "S_noise", STOCHASTIC_GRID,
-             f"scales the fresh noise of {' and '.join(STOCHASTIC_GRID)}")):
-        if value is None:
+    given = {"churn": churn, "s_tmin": s_tmin, "rho": rho, "s_noise": s_noise}
+    for name, (flag, key, owners, what) in SAMPLER_SETTINGS.items():
+        if given[name] is None:
             continue
         if sampler not in owners:
+            hint = " or use --sampler heun-sde" if owners == ("heun-sde",) else ""
             raise ValueError(f"{flag} {what}; sampler {sampler!r} has no such setting: drop "
-                             f"{flag}" + (" or use --sampler heun-sde" if owners == ("heun-sde",) else ""))
-        options[key] = float(value)
+                             f"{flag}{hint}")
+        options[key] = float(given[name])
     return options
 
 
@@ -532,12 +533,12 @@ def run_sampler_options(config, sampler, given=None):
 
 
 def setting_applies(setting, sampler):
-    """Whether sampler setting ``setting`` (one of SAMPLER_SETTINGS) is an option of ``sampler``."""
-    owners = {"churn": ("heun-sde",), "s_tmin": ("heun-sde",), "rho": KARRAS_GRID,
-              "s_noise": STOCHASTIC_GRID}[setting]
-    return sampler in owners
+    """Whether sampler setting ``setting`` (a key of SAMPLER_SETTINGS) is an option of ``sampler``."""
+    return sampler in SAMPLER_SETTINGS[setting][2]
 
 
+# score evaluations per step of each sampler (ode: the solver decides; heun: 2 per step, one less
+# at the end, where the last step to sigma = 0 is a plain Euler step; dpm2m: 1 per step)
 def steps_for_nfe(sampler, nfe):
     """The most steps of ``sampler`` that spend at most ``nfe`` score evaluations per sample (so
     samplers can be compared at equal cost); None for ode, whose solver picks its own steps."""
