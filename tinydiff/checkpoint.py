@@ -20,8 +20,7 @@ CHECKPOINT = "checkpoint.npz"
 FORMAT = "tinydiff-checkpoint-v1"
 # settings that may differ between a run and its resumption (they do not change the trajectory)
 RESUMABLE_CHANGES = frozenset({"epochs", "out", "resume", "progress", "sampler", "sample_steps", "churn",
-                               "grid_sampler", "grid_steps", "rho", "s_noise",
-                               "s_tmin",
+                               "grid_sampler", "grid_steps", "rho", "s_noise", "s_tmin",
                                "num_samples", "backend", "sample_only", "sample_every", "nonfinite",
                                # what the grids show and how often the host reads the loss do not
                                # change the trajectory (log_every > 1 undoes a NaN step on device)

@@ -172,14 +172,7 @@ def add_train_arguments(p, preset=None):
         "DDPM's ancestral sampler (ancestral, --sde vp only), Karras et al.'s Heun (heun, "
         "heun-sde: 2 evaluations per step), DPM-Solver++(2M) (dpm2m, dpm2m-sde: 1 per step)")
     opt("--sample-steps", type=A.int_at_least(2), help="sampler steps (default 500; ignored by ode)")
-    opt("--churn", type=A.nonnegative_float, help="S_churn of --sampler heun-sde: how much noise "
-        "each step adds and removes (default 40; 0 is heun)")
-    opt("--rho", type=A.positive_float, help="exponent of the noise grid of heun, heun-sde, "
-        "dpm2m and dpm2m-sde (default 7, EDM's; the fast recipe's: docs/sampling.md)")
-    opt("--s-noise", type=A.positive_float, help="factor on the fresh noise of heun-sde and "
-        "dpm2m-sde (default 1)")
-    opt("--s-tmin", type=A.nonnegative_float, help="smallest noise level heun-sde churns at "
-        "(default 0.05)")
+    _add_sampler_settings(opt)
     opt("--grid-sampler", choices=list(E.SAMPLERS), help="sampler of the per-epoch grids "
         "(default: --sampler)")
     opt("--grid-steps", type=A.int_at_least(2), help="sampler steps of the per-epoch grids "
@@ -266,6 +259,22 @@ def add_evaluate_arguments(p):
     return p
 
 
+def _add_sampler_settings(add, of_run=False):
+    """The flags of E.SAMPLER_SETTINGS (the sampler options a run or a command may set);
+    ``of_run``: sample / evaluate, where a run's own sampler keeps the run's settings."""
+    kinds = {"churn": (A.nonnegative_float, "S_churn of heun-sde: how much noise each step adds "
+                       "and removes (0 is heun)", "40"),
+             "s_tmin": (A.nonnegative_float, "smallest noise level heun-sde churns at", "0.05"),
+             "rho": (A.positive_float, "exponent of the noise grid of heun, heun-sde, dpm2m and "
+                     "dpm2m-sde", "7, EDM's"),
+             "s_noise": (A.positive_float, "factor on the fresh noise of heun-sde and dpm2m-sde",
+                         "1")}
+    for name, (flag, *_) in E.SAMPLER_SETTINGS.items():
+        kind, text, default = kinds[name]
+        where = f"the run's for its own sampler, else {default}" if of_run else default
+        add(flag, type=kind, help=f"{text} (default {where})")
+
+
 def _add_sampler_arguments(p, many=False):
     names = ", ".join(E.SAMPLERS)
     if many:   # evaluate: every combination is a row; several steps give the FD-against-NFE table
@@ -286,14 +295,7 @@ def _add_sampler_arguments(p, many=False):
                        help="sampler steps (default 500; ode picks its own)")
     p.add_argument("--rtol", type=A.positive_float, default=1e-5,
                    help="ode tolerance, rtol = atol (default 1e-5)")
-    p.add_argument("--churn", type=A.nonnegative_float, help="S_churn of the heun-sde sampler: "
-                   "how much noise each step adds and removes (default 40; 0 is heun)")
-    p.add_argument("--rho", type=A.positive_float, help="exponent of the noise grid of heun, "
-                   "heun-sde, dpm2m and dpm2m-sde (default 7)")
-    p.add_argument("--s-noise", type=A.positive_float, help="factor on the fresh noise of "
-                   "heun-sde and dpm2m-sde (default 1)")
-    p.add_argument("--s-tmin", type=A.nonnegative_float, help="smallest noise level heun-sde "
-                   "churns at (default 0.05)")
+    _add_sampler_settings(p.add_argument, of_run=True)
     p.add_argument("--seed", type=A.nonnegative_int, default=0, help="default 0")
     p.add_argument("--batch", type=A.positive_int, default=500,
                    help="samples drawn at once (default 500)")

@@ -548,17 +548,17 @@ def evaluate(args, parser):
         print(HEADER)
     rows = []
     for sampler, num_steps in settings:
+        options = _run_options(args, run, sampler, rows=True)     # this sampler's settings
         for w in ws:
             row = _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor,
-                                backend, first=not rows)
+                                backend, options, first=not rows)
             row.update(sampler=sampler, steps=num_steps)
             seconds = row["seconds"]
             timing = "–" if not np.isfinite(seconds) else \
                 f"{seconds:.0f} s ({1000 * seconds / n:.0f} ms/sample, {backend.name})"
             steps = (f"rtol {args.rtol:g} ({row['nfe']})" if sampler == "ode"
                      else f"{num_steps} ({row['nfe']})")
-            settings = ", ".join(f"{_OPTION_LABELS[k]} {v:g}" for k, v in
-                                 _run_options(args, run, sampler, rows=True).items())
+            settings = ", ".join(f"{_OPTION_LABELS[k]} {v:g}" for k, v in options.items())
             if settings:
                 sampler = f"{sampler} ({settings})"
             if args.from_file:         # the file's images: this command drew nothing
@@ -627,9 +627,10 @@ def _evaluate_autoencoder(args):
 
 
 def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, floor, backend,
-                  first):
-    """Draw (or read) one set of images and score it against ``real_x`` (the test or training
-    images, --against): a dict with fd, classes, bpd, nfe, ..."""
+                  options, first):
+    """Draw (or read) one set of images (``options``: the sampler's own settings) and score it
+    against ``real_x`` (the test or training images, --against): a dict with fd, classes, bpd,
+    nfe, ..."""
     from . import metrics
     n, seed = args.samples, args.seed
     if args.from_file:
@@ -637,7 +638,6 @@ def _evaluate_row(args, run, cond, sampler, num_steps, w, classifier, real_x, fl
         w = info.pop("guidance", w)
     else:
         labels = np.arange(n) % run.model.num_classes if cond else None
-        options = _run_options(args, run, sampler, rows=True)
         images, info = E.draw_samples(run.model, run.sde, n, sampler, num_steps, seed, args.batch,
                                       labels, w or 0.0, args.rtol, shape=E.sample_shape(run.config),
                                       progress=not args.no_progress, decoder=run.autoencoder,

@@ -104,9 +104,9 @@ DEFAULTS = dict(preset="mnist", backend="numpy", seed=0, sde="ve", sigma=25.0, b
                 beta_max=None, model="scorenet",
                 channels=[32, 64, 128, 256], embed_dim=256, num_heads=4, p_uncond=0.1,
                 base_channels=None, channel_mult=None, num_res_blocks=None, dropout=None,
-                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500, churn=None, rho=None, s_noise=None, s_tmin=None,
-                grid_sampler=None, grid_steps=None,
-                num_samples=64, per_class=8,
+                group_channels=None, cosine_epochs=None, sampler="em", sample_steps=500,
+                churn=None, rho=None, s_noise=None, s_tmin=None, grid_sampler=None,
+                grid_steps=None, num_samples=64, per_class=8,
                 guidance=1.0, sample_every=1, limit=None, nonfinite="stop", log_every=1,
                 show_real=False, noise="uniform", p_mean=-1.2, p_std=1.2, p_uniform=0.0, loss_weight="none",
                 sigma_data=0.5, hflip=False, image_size=None, image_channels=None,
@@ -446,8 +446,8 @@ def draw_samples(model, sde, num_samples, sampler="em", steps=500, seed=0, batch
 
     Returns (images, info): images a host float32 array (N, C, H, W) clipped to [0, 1]; info a dict
     with ``raw`` (the unclipped samples), ``nfe`` (score evaluations per sample: steps for em,
-    2 steps for pc, 2 steps - 1 for heun / heun-sde, steps for dpm2m / dpm2m-sde, the solver's count for ode; a guided
-    evaluation is one batched call on 2N) and ``seconds``. ``sampler`` "ancestral" (DDPM's) needs
+    2 steps for pc, 2 steps - 1 for heun / heun-sde, steps for dpm2m / dpm2m-sde, the solver's
+    count for ode; a guided evaluation is one batched call on 2N) and ``seconds``. ``sampler`` "ancestral" (DDPM's) needs
     the VP SDE. ``callback(i, t, x)`` is passed to the sampler (every batch; see
     tinydiff.trajectory for a recorder). ``decoder``: a latent run's autoencoder; the samples are
     then normalised codes, decoded (``decode_normalised``) into the returned images, and

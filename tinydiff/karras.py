@@ -227,7 +227,8 @@ def dpm_sampler(score_fn, sde, shape, num_steps=50, rho=7.0, eps=1e-3, stochasti
     diffusion probabilistic models", Algorithm 2), names "dpm2m" (``stochastic=False``, the
     probability-flow ODE) and "dpm2m-sde" (the reverse SDE, its SDE variant), on the Karras grid:
     a second-order multistep method with ONE score evaluation per noise level, so that 50 levels
-    cost 50 evaluations where Heun's method gets 25 (docs/sampling.md#dpm-solver).
+    cost 50 evaluations where Heun's method gets 25
+    (docs/sampling.md#dpm-solver2m-one-evaluation-per-noise-level).
 
     Both step the denoiser D(x_hat; sigma) = x_hat + sigma^2 grad log p (Tweedie's formula; here
     x_hat + sigma^2 m(t) s(m(t) x_hat, t)) in the scaled variable x_hat = x / m(t). Between
@@ -249,8 +250,8 @@ def dpm_sampler(score_fn, sde, shape, num_steps=50, rho=7.0, eps=1e-3, stochasti
     name = "dpm_sampler"
     _check_number(name, "rho", rho, 0.0, "e.g. 7 as EDM; 1 is a linear grid")
     _check_number(name, "S_noise", S_noise, 0.0, "1 for an exact score")
-    be, rng, sigmas, times, x_hat, flow = _start(score_fn, sde, shape, num_steps, rho, eps, rng,
-                                                 backend, x_init, dtype, denoise, name, sigma_max)
+    _, rng, sigmas, times, x_hat, flow = _start(score_fn, sde, shape, num_steps, rho, eps, rng,
+                                                backend, x_init, dtype, denoise, name, sigma_max)
     steps = len(sigmas) - 1
     d_prev, h_prev = None, None
     for i in _progress(range(steps), total=steps, enabled=progress,
@@ -262,13 +263,12 @@ def dpm_sampler(score_fn, sde, shape, num_steps=50, rho=7.0, eps=1e-3, stochasti
         else:
             h = math.log(s_cur / s_next)
             d_used = d if d_prev is None else d + (0.5 * h / h_prev) * (d - d_prev)
-            r = s_next / s_cur
+            keep = (s_next / s_cur) ** (2 if stochastic else 1)   # r^2 (SDE) or r (ODE)
+            x_hat *= keep                                 # x_hat is the sampler's own array
+            x_hat += (1.0 - keep) * d_used
             if stochastic:
-                x_hat = (r * r) * x_hat + (1.0 - r * r) * d_used
-                x_hat = x_hat + (S_noise * s_next * math.sqrt(1.0 - r * r)) * rng.normal(
+                x_hat += (S_noise * s_next * math.sqrt(1.0 - keep)) * rng.normal(
                     x_hat.shape, dtype=x_hat.dtype)
-            else:
-                x_hat = r * x_hat + (1.0 - r) * d_used
             d_prev, h_prev = d, h
         if callback is not None:
             callback(i, float(times[i + 1]),

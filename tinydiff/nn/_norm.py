@@ -215,7 +215,7 @@ class GroupNormActFn(Function):
         beta = affine[1].astype(dt, copy=False).reshape(1, G, C // G) if affine else 0.0
         need_grad = is_grad_enabled() and any(self.needs_grad)
         out_full, out = _new_rows(x)
-        scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then u = y/2
+        scratch = xp.empty(v.shape, dtype=dt)                  # x^2, then z = -y
         dsilu = xp.empty(v.shape, dtype=dt) if (silu and need_grad) else None
         how = _fused_norm.mode(x)
         # the output stage's coefficients: -y for the array code, y / 2 for the CUDA kernel
